@@ -1,1 +1,144 @@
-//! placeholder
+//! What must survive a restart: runs with their steps in sled, artifacts as files.
+//!
+//! Layout under the data directory:
+//!
+//! - `db/`: the sled database. Tree `runs` maps a run id (a UUIDv7, so keys sort by creation
+//!   time) to the JSON of its [`RunRecord`]; tree `artifacts` maps an artifact id to the JSON
+//!   of its [`ArtifactMeta`](crate::artifact::ArtifactMeta).
+//! - `artifacts/xx/<sha256>`: artifact contents, named by their hash (`xx` is its first two
+//!   hex digits), written through `artifacts/tmp/` and renamed into place once complete.
+//!
+//! Every write that records a transition is flushed before the caller goes on, so what the
+//! daemon acknowledged or sent to a node is on disk first. sled batches concurrent flushes,
+//! which is what keeps many small durable writes cheap.
+
+mod artifacts;
+mod records;
+
+use std::path::{Path, PathBuf};
+
+pub use artifacts::ArtifactFiles;
+pub use records::{RemoteRef, RunRecord, RunState, StepError, StepRecord, StepState};
+
+/// Errors of the store, each naming what it was doing and on which path or record.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open the store at {path}: {source}. If another multiplex daemon uses this data \
+         directory, stop it first; if the store is damaged, move the directory aside and start \
+         again (nothing is deleted automatically)"
+    )]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store I/O on {what}: {source}")]
+    Db { what: String, source: sled::Error },
+    #[error("stored record {key} cannot be read: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+    #[error("artifact file {path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("the store's background task failed: {0}")]
+    Join(String),
+}
+
+/// Handle to the store; cheap to clone and shared by every actor that persists.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    runs: sled::Tree,
+    files: ArtifactFiles,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir`. Never wipes anything it cannot read.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let db_path = data_dir.join("db");
+        let open_error = |source| StoreError::Open { path: db_path.clone(), source };
+        std::fs::create_dir_all(data_dir)
+            .map_err(|err| open_error(sled::Error::Io(err)))?;
+        let db = sled::Config::new()
+            .path(&db_path)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(open_error)?;
+        let runs = db.open_tree("runs").map_err(open_error)?;
+        let artifact_index = db.open_tree("artifacts").map_err(open_error)?;
+        let files = ArtifactFiles::open(data_dir.join("artifacts"), artifact_index)?;
+        Ok(Store { db, runs, files })
+    }
+
+    /// The artifact files and their index.
+    pub fn artifacts(&self) -> &ArtifactFiles {
+        &self.files
+    }
+
+    /// Writes a run record and waits until it is durable.
+    pub async fn save_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.write_run(run)?;
+        self.flush().await
+    }
+
+    /// Writes a run record without waiting for durability: for progress that may be lost.
+    pub fn write_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(run).map_err(|source| StoreError::Corrupt {
+            key: run.id.clone(),
+            source,
+        })?;
+        self.runs
+            .insert(run.id.as_bytes(), json)
+            .map_err(|source| StoreError::Db { what: format!("run {}", run.id), source })?;
+        Ok(())
+    }
+
+    /// Waits until everything written so far is on disk. Concurrent callers share flushes.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(|source| StoreError::Db { what: "flush".into(), source })
+    }
+
+    pub fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let value = self
+            .runs
+            .get(id.as_bytes())
+            .map_err(|source| StoreError::Db { what: format!("run {id}"), source })?;
+        value.map(|bytes| decode_run(id, &bytes)).transpose()
+    }
+
+    /// Runs newest first, at most `limit`, optionally only those older than `before` (an id).
+    pub fn list_runs(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let range = match before {
+            Some(id) => self.runs.range(..id.as_bytes().to_vec()),
+            None => self.runs.range::<Vec<u8>, _>(..),
+        };
+        let mut runs = Vec::new();
+        for entry in range.rev().take(limit) {
+            let (key, value) =
+                entry.map_err(|source| StoreError::Db { what: "run listing".into(), source })?;
+            runs.push(decode_run(&String::from_utf8_lossy(&key), &value)?);
+        }
+        Ok(runs)
+    }
+
+    /// Runs that had not finished when they were last written: the ones to resume.
+    pub fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let mut runs = Vec::new();
+        for entry in self.runs.iter() {
+            let (key, value) =
+                entry.map_err(|source| StoreError::Db { what: "run scan".into(), source })?;
+            let run = decode_run(&String::from_utf8_lossy(&key), &value)?;
+            if !run.state.is_terminal() {
+                runs.push(run);
+            }
+        }
+        Ok(runs)
+    }
+}
+
+fn decode_run(key: &str, bytes: &[u8]) -> Result<RunRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.into(), source })
+}
