@@ -24,6 +24,10 @@ pub struct ClusterConfig {
 pub struct NodeConfig {
     /// Unique name, used in placement decisions, logs and the API.
     pub name: String,
+    /// The machine the node runs on, when several nodes share one (e.g. one ComfyUI per GPU
+    /// of a three-GPU box); shown to operators only.
+    #[serde(default)]
+    pub host: Option<String>,
     /// Free text such as "ubuntu" or "windows"; shown to operators only.
     #[serde(default)]
     pub os: Option<String>,

@@ -12,14 +12,23 @@
 //! - [`activity`]: the `ActivityHub` actor, fanning live events out to every subscriber.
 //! - [`store`]: the sled store for runs and steps, and the content-addressed artifact files.
 //! - [`config`]: the cluster description the daemon is started with.
+//! - [`cluster`]: the handle that starts all of the above and answers the daemon's API.
+//! - [`task`]: the messages that carry one step's work between run, scheduler and node.
 
 pub mod activity;
 pub mod artifact;
+#[cfg(feature = "wip-actors")]
+pub mod cluster;
 pub mod comfyui;
 pub mod config;
 pub mod langflow;
+#[cfg(feature = "wip-actors")]
 pub mod node;
+#[cfg(feature = "wip-actors")]
 pub mod run;
+#[cfg(feature = "wip-actors")]
 pub mod scheduler;
 pub mod store;
+#[cfg(feature = "wip-actors")]
+pub mod task;
 pub mod workflow;

@@ -1,1 +1,628 @@
-//! placeholder
+//! The `WorkflowRun` actor: one per submitted workflow.
+//!
+//! It owns the run's plan and its durable record. It starts every step whose inputs exist,
+//! doing daemon-side steps (an intent's text, an output's collection) itself and handing
+//! remote ones to the scheduler as tasks; it records each transition in the store before
+//! acting on it, relays progress to the activity stream, and ends the run when every step
+//! has ended. Independent branches run at the same time because every ready step is handed
+//! out at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use time::OffsetDateTime;
+use tracing::{debug, error, info, warn};
+
+use crate::activity::{Activity, ActivityHub, Publish};
+use crate::artifact::{ArtifactKind, ArtifactMeta};
+use crate::scheduler::{CancelRun, Enqueue, Scheduler};
+use crate::store::{RemoteRef, RunRecord, RunState, StepError, StepRecord, StepState, Store};
+use crate::task::{ConfirmPlacement, RemoteJob, Task, TaskEvent, TaskKey, TaskUpdate};
+use crate::workflow::{Catalog, InputArtifact, Job, Plan, Service};
+
+/// Largest text artifact read into memory to feed a downstream step's prompt.
+const MAX_TEXT_INPUT: u64 = 1024 * 1024;
+
+/// The live runs, by id. A run removes itself once it has ended, so the registry holds only
+/// runs that can still change (and cancel or live status can reach them).
+#[derive(Clone, Default)]
+pub struct RunRegistry {
+    runs: Arc<Mutex<HashMap<String, Addr<WorkflowRun>>>>,
+}
+
+impl RunRegistry {
+    pub fn get(&self, id: &str) -> Option<Addr<WorkflowRun>> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, id: String, addr: Addr<WorkflowRun>) {
+        self.lock().insert(id, addr);
+    }
+
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Addr<WorkflowRun>>> {
+        // The map stays consistent even if a holder panicked: every operation is one call.
+        self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What every run needs from the daemon.
+#[derive(Clone)]
+pub struct RunServices {
+    pub store: Store,
+    pub catalog: Arc<Catalog>,
+    pub scheduler: Addr<Scheduler>,
+    pub hub: Addr<ActivityHub>,
+    pub registry: RunRegistry,
+}
+
+/// Cancel the run: queued tasks are dropped, running ones interrupted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelWorkflow;
+
+/// The run's live record, progress included.
+#[derive(Message)]
+#[rtype(result = "RunRecord")]
+pub struct Snapshot;
+
+/// A daemon-side step finished its work (or a remote step was rendered).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StepPrepared {
+    step_id: String,
+    outcome: Result<Prepared, StepError>,
+}
+
+enum Prepared {
+    /// Done in the daemon; these are the step's artifacts.
+    Done(Vec<ArtifactMeta>),
+    /// To be run by a node.
+    Remote(RemoteJob),
+}
+
+/// One workflow run.
+pub struct WorkflowRun {
+    record: RunRecord,
+    plan: Arc<Plan>,
+    services: RunServices,
+    /// Rendered jobs by step, kept so a task can be queued again after its node restarts.
+    pending_jobs: HashMap<String, RemoteJob>,
+}
+
+impl WorkflowRun {
+    /// Starts a run whose record is already in the store, under supervision.
+    pub fn start(record: RunRecord, plan: Plan, services: RunServices) -> Addr<WorkflowRun> {
+        let id = record.id.clone();
+        let registry = services.registry.clone();
+        let plan = Arc::new(plan);
+        let addr = Supervisor::start(move |_ctx| WorkflowRun {
+            record,
+            plan,
+            services,
+            pending_jobs: HashMap::new(),
+        });
+        registry.insert(id, addr.clone());
+        addr
+    }
+
+    /// A fresh record for a planned document: every step pending.
+    pub fn new_record(id: String, plan: &Plan, document: serde_json::Value) -> RunRecord {
+        RunRecord {
+            id,
+            name: plan.name().to_string(),
+            state: RunState::Queued,
+            created_at: OffsetDateTime::now_utc(),
+            finished_at: None,
+            error: None,
+            document,
+            steps: plan
+                .steps()
+                .iter()
+                .map(|step| StepRecord::new(&step.id, step.kind.as_str()))
+                .collect(),
+        }
+    }
+
+    fn publish(&self, activity: Activity) {
+        self.services.hub.do_send(Publish(activity));
+    }
+
+    fn publish_step(&self, step: &StepRecord) {
+        self.publish(Activity::StepState {
+            run_id: self.record.id.clone(),
+            step_id: step.id.clone(),
+            state: step.state,
+            node: step.node.clone(),
+            attempt: step.attempts,
+            error: step.error.clone(),
+            artifacts: step.artifacts.clone(),
+        });
+    }
+
+    /// Writes the record, waits until it is durable, then continues with `then`. The
+    /// mailbox waits too (`ctx.wait`), so no later transition can overtake this one.
+    fn persist_then<F>(&mut self, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    {
+        let store = self.services.store.clone();
+        let record = self.record.clone();
+        let save = async move { store.save_run(&record).await };
+        ctx.wait(save.into_actor(self).map(move |result, act, ctx| {
+            if let Err(err) = result {
+                error!(run_id = %act.record.id, error = %err, "could not persist run");
+            }
+            then(act, ctx);
+        }));
+    }
+
+    /// Starts every pending step whose dependencies all succeeded, skips those behind a
+    /// failure, and ends the run when nothing is left.
+    fn advance(&mut self, ctx: &mut Context<Self>) {
+        if self.record.state.is_terminal() {
+            return;
+        }
+        let mut changed = false;
+        let mut ready = Vec::new();
+        for planned in self.plan.steps() {
+            let Some(step) = self.record.step(&planned.id) else { continue };
+            if step.state != StepState::Pending {
+                continue;
+            }
+            let deps: Vec<StepState> = self
+                .plan
+                .dependencies(&planned.id)
+                .iter()
+                .filter_map(|dep| self.record.step(dep).map(|s| s.state))
+                .collect();
+            if deps.iter().any(|s| s.is_terminal() && *s != StepState::Succeeded) {
+                if let Some(step) = self.record.step_mut(&planned.id) {
+                    step.state = StepState::Skipped;
+                    step.finished_at = Some(OffsetDateTime::now_utc());
+                }
+                changed = true;
+            } else if deps.iter().all(|s| *s == StepState::Succeeded) {
+                ready.push(planned.id.clone());
+            }
+        }
+        if self.record.state == RunState::Queued && !ready.is_empty() {
+            self.record.state = RunState::Running;
+            self.publish(Activity::RunState {
+                run_id: self.record.id.clone(),
+                state: RunState::Running,
+                error: None,
+            });
+            changed = true;
+        }
+        for step_id in &ready {
+            self.prepare_step(step_id, ctx);
+        }
+        if changed {
+            for step in self.record.steps.iter().filter(|s| s.state == StepState::Skipped) {
+                self.publish_step(step);
+            }
+        }
+        if self.record.steps.iter().all(|step| step.state.is_terminal()) {
+            self.finish_run(ctx);
+        } else if changed {
+            self.persist_then(ctx, |_, _| {});
+        }
+    }
+
+    /// Marks a step queued and renders it (reading its inputs) off the mailbox.
+    fn prepare_step(&mut self, step_id: &str, ctx: &mut Context<Self>) {
+        let Some(planned) = self.plan.step(step_id) else { return };
+        let inputs = match self.input_artifacts(step_id) {
+            Ok(inputs) => inputs,
+            Err(error) => {
+                self.fail_step(step_id, error, ctx);
+                return;
+            }
+        };
+        if let Some(step) = self.record.step_mut(step_id) {
+            step.state = StepState::Queued;
+            step.queued_at = Some(OffsetDateTime::now_utc());
+        }
+
+        let plan = self.plan.clone();
+        let catalog = self.services.catalog.clone();
+        let files = self.services.store.artifacts().clone();
+        let step_id = step_id.to_string();
+        let addr = ctx.address();
+        let run_name = self.record.name.clone();
+        let _ = planned;
+        actix::spawn(async move {
+            let outcome = prepare(&plan, &catalog, &files, &step_id, inputs, &run_name).await;
+            addr.do_send(StepPrepared { step_id, outcome });
+        });
+    }
+
+    /// The artifacts of a step's inputs, in the plan's input order.
+    fn input_artifacts(&self, step_id: &str) -> Result<Vec<InputArtifact>, StepError> {
+        let files = self.services.store.artifacts();
+        let mut inputs = Vec::new();
+        let Some(planned) = self.plan.step(step_id) else { return Ok(inputs) };
+        for input in &planned.inputs {
+            let Some(upstream) = self.record.step(&input.from) else { continue };
+            for meta in &upstream.artifacts {
+                inputs.push(InputArtifact {
+                    from_step: input.from.clone(),
+                    path: files.path(&meta.id),
+                    meta: meta.clone(),
+                    text: None,
+                });
+            }
+        }
+        Ok(inputs)
+    }
+
+    fn on_prepared(&mut self, step_id: String, outcome: Result<Prepared, StepError>, ctx: &mut Context<Self>) {
+        if self.record.state.is_terminal() {
+            return;
+        }
+        match outcome {
+            Err(error) => self.fail_step(&step_id, error, ctx),
+            Ok(Prepared::Done(artifacts)) => self.succeed_step(&step_id, artifacts, ctx),
+            Ok(Prepared::Remote(job)) => {
+                self.pending_jobs.insert(step_id.clone(), job);
+                self.dispatch(&step_id, ctx);
+            }
+        }
+    }
+
+    /// Records the remote id of a new attempt, then queues the task once that is durable.
+    fn dispatch(&mut self, step_id: &str, ctx: &mut Context<Self>) {
+        let Some(job) = self.pending_jobs.get(step_id).cloned() else { return };
+        let Some(requirement) = self.plan.step(step_id).and_then(|s| s.requirement.clone())
+        else {
+            return;
+        };
+        let remote_id = uuid::Uuid::new_v4().to_string();
+        let Some(step) = self.record.step_mut(step_id) else { return };
+        step.attempts += 1;
+        step.state = StepState::Queued;
+        step.remote = Some(match requirement.service {
+            Service::ComfyUi => RemoteRef::Comfyui { prompt_id: remote_id.clone() },
+            Service::LangFlow => RemoteRef::Langflow { session_id: remote_id.clone() },
+        });
+        let key = TaskKey {
+            run_id: self.record.id.clone(),
+            step_id: step_id.to_string(),
+            attempt: step.attempts,
+        };
+        let step = step.clone();
+        self.publish_step(&step);
+
+        let addr = ctx.address();
+        let task = Task {
+            key,
+            requirement,
+            job,
+            remote_id,
+            updates: addr.clone().recipient(),
+            placement: addr.recipient(),
+        };
+        self.persist_then(ctx, move |act, _ctx| {
+            act.services.scheduler.do_send(Enqueue(task));
+        });
+    }
+
+    fn succeed_step(&mut self, step_id: &str, artifacts: Vec<ArtifactMeta>, ctx: &mut Context<Self>) {
+        let Some(step) = self.record.step_mut(step_id) else { return };
+        if step.state.is_terminal() {
+            return;
+        }
+        step.state = StepState::Succeeded;
+        step.finished_at = Some(OffsetDateTime::now_utc());
+        step.started_at.get_or_insert(OffsetDateTime::now_utc());
+        step.progress = Some(1.0);
+        step.artifacts = artifacts;
+        let step = step.clone();
+        info!(run_id = %self.record.id, step = %step_id, artifacts = step.artifacts.len(),
+            "step succeeded");
+        self.pending_jobs.remove(step_id);
+        self.publish_step(&step);
+        self.persist_then(ctx, |act, ctx| act.advance(ctx));
+    }
+
+    fn fail_step(&mut self, step_id: &str, error: StepError, ctx: &mut Context<Self>) {
+        let Some(step) = self.record.step_mut(step_id) else { return };
+        if step.state.is_terminal() {
+            return;
+        }
+        warn!(run_id = %self.record.id, step = %step_id, error = %error.message, "step failed");
+        step.state = StepState::Failed;
+        step.finished_at = Some(OffsetDateTime::now_utc());
+        step.error = Some(error.clone());
+        let step = step.clone();
+        self.pending_jobs.remove(step_id);
+        self.publish_step(&step);
+
+        if self.plan.options().fail_fast {
+            self.record.error = Some(format!("step {step_id} failed: {}", error.message));
+            self.stop_remaining(StepState::Skipped);
+        }
+        self.persist_then(ctx, |act, ctx| act.advance(ctx));
+    }
+
+    /// Ends every step that has not ended: queued and running ones are aborted on their nodes.
+    fn stop_remaining(&mut self, running_state: StepState) {
+        let now = OffsetDateTime::now_utc();
+        let mut any_remote = false;
+        for step in self.record.steps.iter_mut().filter(|s| !s.state.is_terminal()) {
+            any_remote |= step.state != StepState::Pending;
+            step.state =
+                if step.state == StepState::Pending { StepState::Skipped } else { running_state };
+            step.finished_at = Some(now);
+        }
+        if any_remote {
+            self.services.scheduler.do_send(CancelRun { run_id: self.record.id.clone() });
+        }
+        let ended: Vec<StepRecord> =
+            self.record.steps.iter().filter(|s| s.finished_at == Some(now)).cloned().collect();
+        for step in &ended {
+            self.publish_step(step);
+        }
+    }
+
+    fn finish_run(&mut self, ctx: &mut Context<Self>) {
+        if self.record.state.is_terminal() {
+            return;
+        }
+        let all_succeeded = self.record.steps.iter().all(|s| s.state == StepState::Succeeded);
+        self.record.state = if all_succeeded { RunState::Succeeded } else { RunState::Failed };
+        if !all_succeeded && self.record.error.is_none() {
+            let failed: Vec<&str> = self
+                .record
+                .steps
+                .iter()
+                .filter(|s| s.state == StepState::Failed)
+                .map(|s| s.id.as_str())
+                .collect();
+            self.record.error = Some(format!("failed steps: {}", failed.join(", ")));
+        }
+        self.end(ctx);
+    }
+
+    /// Records the terminal state, tells everyone, and leaves the registry. The actor then
+    /// stops by itself once no one holds its address.
+    fn end(&mut self, ctx: &mut Context<Self>) {
+        self.record.finished_at = Some(OffsetDateTime::now_utc());
+        info!(run_id = %self.record.id, state = ?self.record.state, "run ended");
+        self.persist_then(ctx, |act, _ctx| {
+            act.publish(Activity::RunState {
+                run_id: act.record.id.clone(),
+                state: act.record.state,
+                error: act.record.error.clone(),
+            });
+            act.services.registry.remove(&act.record.id);
+        });
+    }
+
+    fn on_task_update(&mut self, update: TaskUpdate, ctx: &mut Context<Self>) {
+        let TaskUpdate { key, node, event } = update;
+        let Some(step) = self.record.step(&key.step_id) else { return };
+        // Updates of an older attempt, or of a step that already ended, change nothing.
+        if step.attempts != key.attempt || step.state.is_terminal() {
+            debug!(task = %key, "stale task update ignored");
+            return;
+        }
+        match event {
+            TaskEvent::Submitted => self.set_step_state(&key.step_id, StepState::Submitted, ctx),
+            TaskEvent::Started => self.set_step_state(&key.step_id, StepState::Running, ctx),
+            TaskEvent::Progress { value, max, detail } => {
+                if let Some(step) = self.record.step_mut(&key.step_id) {
+                    if max > 0.0 {
+                        step.progress = Some((value / max).clamp(0.0, 1.0) as f32);
+                    }
+                }
+                self.publish(Activity::StepProgress {
+                    run_id: key.run_id,
+                    step_id: key.step_id,
+                    node,
+                    value,
+                    max,
+                    detail,
+                });
+            }
+            TaskEvent::Preview { mime, bytes } => self.publish(Activity::StepPreview {
+                run_id: key.run_id,
+                step_id: key.step_id,
+                mime,
+                data: base64_encode(&bytes),
+            }),
+            TaskEvent::Notice(message) => self.publish(Activity::StepNotice {
+                run_id: key.run_id,
+                step_id: key.step_id,
+                message,
+            }),
+            TaskEvent::Succeeded { artifacts } => self.succeed_step(&key.step_id, artifacts, ctx),
+            TaskEvent::Failed { error, .. } => self.fail_step(&key.step_id, error, ctx),
+            TaskEvent::Cancelled => {
+                if let Some(step) = self.record.step_mut(&key.step_id) {
+                    step.state = StepState::Cancelled;
+                    step.finished_at = Some(OffsetDateTime::now_utc());
+                }
+                self.persist_then(ctx, |act, ctx| act.advance(ctx));
+            }
+        }
+    }
+
+    fn set_step_state(&mut self, step_id: &str, state: StepState, ctx: &mut Context<Self>) {
+        let Some(step) = self.record.step_mut(step_id) else { return };
+        if step.state == state {
+            return;
+        }
+        step.state = state;
+        if state == StepState::Running {
+            step.started_at = Some(OffsetDateTime::now_utc());
+        }
+        let step = step.clone();
+        self.publish_step(&step);
+        self.persist_then(ctx, |_, _| {});
+    }
+}
+
+/// Does a step's daemon-side part: reads text inputs, renders the job, and runs it when the
+/// daemon itself is the one to run it.
+async fn prepare(
+    plan: &Plan,
+    catalog: &Catalog,
+    files: &crate::store::ArtifactFiles,
+    step_id: &str,
+    mut inputs: Vec<InputArtifact>,
+    run_name: &str,
+) -> Result<Prepared, StepError> {
+    for input in inputs.iter_mut().filter(|i| i.meta.kind == ArtifactKind::Text) {
+        if input.meta.size > MAX_TEXT_INPUT {
+            return Err(StepError {
+                message: format!(
+                    "text from step {} is {} bytes, more than the {MAX_TEXT_INPUT} a prompt takes",
+                    input.from_step, input.meta.size
+                ),
+                details: None,
+            });
+        }
+        let text = tokio::fs::read_to_string(&input.path).await.map_err(|err| StepError {
+            message: format!("cannot read the text from step {}: {err}", input.from_step),
+            details: None,
+        })?;
+        input.text = Some(text);
+    }
+    let planned = plan.step(step_id).ok_or_else(|| StepError {
+        message: format!("step {step_id} is not in the plan of run {run_name}"),
+        details: None,
+    })?;
+    let job = planned.render(&inputs, catalog).map_err(|err| StepError {
+        message: format!("step {step_id} cannot be prepared: {err}"),
+        details: None,
+    })?;
+    match job {
+        Job::Text(text) => {
+            let meta = files
+                .put_bytes(
+                    text.into_bytes().into(),
+                    &format!("{step_id}.txt"),
+                    ArtifactKind::Text,
+                    "text/plain; charset=utf-8",
+                )
+                .await
+                .map_err(|err| StepError { message: err.to_string(), details: None })?;
+            Ok(Prepared::Done(vec![meta]))
+        }
+        Job::Collect => Ok(Prepared::Done(inputs.into_iter().map(|input| input.meta).collect())),
+        Job::Comfy(job) => Ok(Prepared::Remote(RemoteJob::Comfy(job))),
+        Job::Langflow(job) => Ok(Prepared::Remote(RemoteJob::Langflow(job))),
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+impl Actor for WorkflowRun {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        debug!(run_id = %self.record.id, "run actor started");
+        if self.record.state == RunState::Queued {
+            self.publish(Activity::RunSubmitted {
+                run_id: self.record.id.clone(),
+                name: self.record.name.clone(),
+                steps: self.record.steps.iter().map(|s| s.id.clone()).collect(),
+            });
+        }
+        self.advance(ctx);
+    }
+}
+
+impl Supervised for WorkflowRun {
+    /// Tasks in flight keep reporting to this address; steps that were being prepared are
+    /// set back to pending so `started` prepares them again.
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        warn!(run_id = %self.record.id, "run actor restarting");
+        for step in self.record.steps.iter_mut() {
+            if step.state == StepState::Queued && step.remote.is_none() {
+                step.state = StepState::Pending;
+            }
+        }
+    }
+}
+
+impl Handler<CancelWorkflow> for WorkflowRun {
+    type Result = ();
+
+    fn handle(&mut self, _msg: CancelWorkflow, ctx: &mut Self::Context) {
+        if self.record.state.is_terminal() {
+            return;
+        }
+        info!(run_id = %self.record.id, "run cancelled");
+        self.stop_remaining(StepState::Cancelled);
+        self.record.state = RunState::Cancelled;
+        self.record.error = Some("cancelled".into());
+        self.end(ctx);
+    }
+}
+
+impl Handler<Snapshot> for WorkflowRun {
+    type Result = MessageResult<Snapshot>;
+
+    fn handle(&mut self, _msg: Snapshot, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.record.clone())
+    }
+}
+
+impl Handler<StepPrepared> for WorkflowRun {
+    type Result = ();
+
+    fn handle(&mut self, msg: StepPrepared, ctx: &mut Self::Context) {
+        self.on_prepared(msg.step_id, msg.outcome, ctx);
+    }
+}
+
+impl Handler<TaskUpdate> for WorkflowRun {
+    type Result = ();
+
+    fn handle(&mut self, msg: TaskUpdate, ctx: &mut Self::Context) {
+        self.on_task_update(msg, ctx);
+    }
+}
+
+impl Handler<ConfirmPlacement> for WorkflowRun {
+    type Result = ResponseActFuture<Self, Result<(), String>>;
+
+    /// Records the node before the node sends anything; answers once that is durable.
+    fn handle(&mut self, msg: ConfirmPlacement, _ctx: &mut Self::Context) -> Self::Result {
+        let current = self.record.step(&msg.key.step_id).map(|s| (s.attempts, s.state));
+        match current {
+            Some((attempt, state)) if attempt == msg.key.attempt && !state.is_terminal() => {}
+            _ => return Box::pin(fut::ready(Err(format!("task {} is no longer wanted", msg.key)))),
+        }
+        if let Some(step) = self.record.step_mut(&msg.key.step_id) {
+            step.state = StepState::Assigned;
+            step.node = Some(msg.node.clone());
+            let step = step.clone();
+            self.publish_step(&step);
+        }
+        let store = self.services.store.clone();
+        let record = self.record.clone();
+        Box::pin(
+            async move { store.save_run(&record).await.map_err(|err| err.to_string()) }
+                .into_actor(self),
+        )
+    }
+}

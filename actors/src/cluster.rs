@@ -1,0 +1,155 @@
+//! The cluster handle: starts the actors and answers what the daemon's interfaces ask.
+//!
+//! REST, the UI WebSocket, the MCP server and the CLI demo all go through [`Cluster`], so a
+//! workflow submitted any way is validated, stored and run the same way.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tracing::{info, warn};
+
+use crate::activity::ActivityHub;
+use crate::config::ClusterConfig;
+use crate::node::GpuNode;
+use crate::run::{CancelWorkflow, RunRegistry, RunServices, Snapshot, WorkflowRun};
+use crate::scheduler::{ListNodes, NodeView, RegisterNode, Scheduler};
+use crate::store::{RunRecord, RunState, StepState, Store, StoreError};
+use crate::workflow::{plan_workflow, Catalog, TemplateLibrary, ValidationIssue};
+
+/// Why a request about runs could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("the workflow is invalid ({} problems)", .0.len())]
+    Invalid(Vec<ValidationIssue>),
+    #[error("no run with id {0}")]
+    NotFound(String),
+    #[error("run {id} has already ended ({state:?})")]
+    AlreadyEnded { id: String, state: RunState },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the {0} actor is not running")]
+    ActorGone(&'static str),
+}
+
+/// Handle to the running cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    services: RunServices,
+    config: Arc<ClusterConfig>,
+}
+
+impl Cluster {
+    /// Starts the scheduler, the activity hub and one node actor per configured node, all
+    /// under supervision. Must be called inside a running actix system.
+    pub fn start(config: ClusterConfig, templates: TemplateLibrary, store: Store) -> Cluster {
+        let hub = Supervisor::start(|_| ActivityHub::default());
+        let scheduler = Supervisor::start(|_| Scheduler::default());
+        for node in &config.nodes {
+            let node_config = node.clone();
+            let (sched, hub_addr, files) =
+                (scheduler.clone(), hub.clone(), store.artifacts().clone());
+            let addr = Supervisor::start(move |_| {
+                GpuNode::new(node_config, sched, hub_addr, files)
+            });
+            scheduler.do_send(RegisterNode { config: node.clone(), addr });
+        }
+        let catalog = Arc::new(Catalog::new(&config, templates));
+        let services =
+            RunServices { store, catalog, scheduler, hub, registry: RunRegistry::default() };
+        Cluster { services, config: Arc::new(config) }
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.services.catalog
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.services.store
+    }
+
+    pub fn hub(&self) -> &Addr<ActivityHub> {
+        &self.services.hub
+    }
+
+    /// Validates and plans a document, stores the run durably, then starts it. The returned
+    /// record is what was stored: answering only after the write is what makes an
+    /// acknowledged run survive a crash.
+    pub async fn submit(&self, document: serde_json::Value) -> Result<RunRecord, ClusterError> {
+        let plan = plan_workflow(&document, &self.services.catalog)
+            .map_err(ClusterError::Invalid)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let record = WorkflowRun::new_record(id, &plan, document);
+        self.services.store.save_run(&record).await?;
+        info!(run_id = %record.id, name = %record.name, steps = record.steps.len(), "run accepted");
+        WorkflowRun::start(record.clone(), plan, self.services.clone());
+        Ok(record)
+    }
+
+    /// The run as it stands: live (with progress) while it runs, from the store otherwise.
+    pub async fn run(&self, id: &str) -> Result<RunRecord, ClusterError> {
+        if let Some(addr) = self.services.registry.get(id) {
+            if let Ok(record) = addr.send(Snapshot).await {
+                return Ok(record);
+            }
+        }
+        self.services.store.get_run(id)?.ok_or_else(|| ClusterError::NotFound(id.to_string()))
+    }
+
+    /// Stored runs, newest first.
+    pub fn runs(&self, limit: usize, before: Option<&str>) -> Result<Vec<RunRecord>, ClusterError> {
+        Ok(self.services.store.list_runs(limit, before)?)
+    }
+
+    /// Cancels a live run and answers its record once the cancellation is stored.
+    pub async fn cancel(&self, id: &str) -> Result<RunRecord, ClusterError> {
+        let Some(addr) = self.services.registry.get(id) else {
+            let record = self.services.store.get_run(id)?;
+            return match record {
+                Some(record) => Err(ClusterError::AlreadyEnded { id: id.into(), state: record.state }),
+                None => Err(ClusterError::NotFound(id.into())),
+            };
+        };
+        addr.send(CancelWorkflow).await.map_err(|_| ClusterError::ActorGone("run"))?;
+        // The cancel handler persisted before answering the next message: read it back.
+        addr.send(Snapshot).await.map_err(|_| ClusterError::ActorGone("run"))
+    }
+
+    /// Every node with its availability and load.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, ClusterError> {
+        self.services.scheduler.send(ListNodes).await.map_err(|_| ClusterError::ActorGone("scheduler"))
+    }
+
+    /// How many runs are live.
+    pub fn live_runs(&self) -> usize {
+        self.services.registry.len()
+    }
+
+    /// Starts again every run the store holds as unfinished. Steps that were in flight are
+    /// set back to pending and run again.
+    pub fn resume_unfinished(&self) -> Result<usize, ClusterError> {
+        let runs = self.services.store.unfinished_runs()?;
+        let mut resumed = 0;
+        for mut record in runs {
+            let plan = match plan_workflow(&record.document, &self.services.catalog) {
+                Ok(plan) => plan,
+                Err(issues) => {
+                    warn!(run_id = %record.id, problems = issues.len(),
+                        "stored run no longer validates against this config; left as it was");
+                    continue;
+                }
+            };
+            for step in record.steps.iter_mut().filter(|s| !s.state.is_terminal()) {
+                step.state = StepState::Pending;
+                step.progress = None;
+            }
+            info!(run_id = %record.id, "resuming run");
+            WorkflowRun::start(record, plan, self.services.clone());
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+}

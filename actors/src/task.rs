@@ -1,0 +1,81 @@
+//! Tasks: the unit of work a run hands to the scheduler and the scheduler hands to a node.
+
+use actix::prelude::*;
+
+use crate::artifact::ArtifactMeta;
+use crate::store::StepError;
+use crate::workflow::{ComfyJob, LangflowJob, Requirement};
+
+/// The remote part of a step, rendered and ready to send.
+#[derive(Debug, Clone)]
+pub enum RemoteJob {
+    Comfy(ComfyJob),
+    Langflow(LangflowJob),
+}
+
+/// Identifies one attempt of one step of one run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskKey {
+    pub run_id: String,
+    pub step_id: String,
+    pub attempt: u32,
+}
+
+impl std::fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}#{}", self.run_id, self.step_id, self.attempt)
+    }
+}
+
+/// A step ready to run somewhere.
+#[derive(Clone)]
+pub struct Task {
+    pub key: TaskKey,
+    pub requirement: Requirement,
+    pub job: RemoteJob,
+    /// Our id for the remote work (a ComfyUI prompt id or a LangFlow session id), recorded in
+    /// the store before the task was queued.
+    pub remote_id: String,
+    /// Where progress and the outcome go.
+    pub updates: Recipient<TaskUpdate>,
+    /// Asked, and awaited, before the node sends anything remote: the run records the node.
+    pub placement: Recipient<ConfirmPlacement>,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task").field("key", &self.key).field("remote_id", &self.remote_id).finish()
+    }
+}
+
+/// Sent by a node to the run before it submits anything; the run persists the placement and
+/// answers once it is durable, so a restart knows where the work went.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct ConfirmPlacement {
+    pub key: TaskKey,
+    pub node: String,
+}
+
+/// What a node reports about a task.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct TaskUpdate {
+    pub key: TaskKey,
+    pub node: String,
+    pub event: TaskEvent,
+}
+
+#[derive(Debug)]
+pub enum TaskEvent {
+    /// The service accepted the work.
+    Submitted,
+    /// The service started executing it.
+    Started,
+    Progress { value: f64, max: f64, detail: Option<String> },
+    Preview { mime: String, bytes: bytes::Bytes },
+    Notice(String),
+    Succeeded { artifacts: Vec<ArtifactMeta> },
+    Failed { error: StepError, retryable: bool },
+    Cancelled,
+}

@@ -1,0 +1,292 @@
+//! The daemon's configuration file: reading it, and resolving it into what the actors run with.
+//!
+//! Two stages, so that errors name what the operator wrote: [`ConfigFile`] is the TOML as
+//! written (a service has either a `url` or a `simulate` table; secrets are named by the
+//! environment variable holding them), and [`resolve`] turns it into the actors'
+//! [`ClusterConfig`], starting the simulators a file asks for on loopback ports.
+//!
+//! With no `--config`, the daemon uses `config/default.toml`, embedded in the binary together
+//! with the templates and example workflows, which describes a four-box cluster served
+//! entirely by simulators: a bare `multiplex serve` is a working cluster.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use multiplex_actors::config::{
+    ClusterConfig, ComfyServiceConfig, FlowConfig, GpuConfig, LangflowServiceConfig, NodeConfig,
+};
+use multiplex_actors::workflow::TemplateLibrary;
+use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
+use multiplex_sim::langflow::{LangflowSim, LangflowSimConfig};
+use rust_embed::RustEmbed;
+use serde::Deserialize;
+use tracing::info;
+use url::Url;
+
+/// The `config/` folder, built into the binary.
+#[derive(RustEmbed)]
+#[folder = "config/"]
+#[include = "*.toml"]
+#[include = "templates/*.json"]
+#[include = "workflows/*.json"]
+pub struct Embedded;
+
+/// Name of the built-in config inside [`Embedded`].
+pub const DEFAULT_CONFIG: &str = "default.toml";
+/// Where the daemon listens when neither the file nor the command line says.
+pub const DEFAULT_BIND: &str = "127.0.0.1:7700";
+/// Data directory when neither the file nor the command line says.
+pub const DEFAULT_DATA_DIR: &str = "multiplex-data";
+
+/// The configuration file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    #[serde(default)]
+    pub templates: TemplatesSection,
+    #[serde(default)]
+    pub nodes: Vec<NodeSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    pub bind: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesSection {
+    /// Template for `image` steps that name none.
+    pub image: Option<String>,
+    /// Template for `video` steps that name none.
+    pub video: Option<String>,
+    /// A folder of extra templates (relative to the config file), read after the built-in
+    /// ones; a template with a built-in name replaces it.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub name: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub os: Option<String>,
+    #[serde(default)]
+    pub gpus: Vec<GpuConfig>,
+    #[serde(default)]
+    pub slots: Option<u32>,
+    #[serde(default)]
+    pub comfyui: Option<ComfySection>,
+    #[serde(default)]
+    pub langflow: Option<LangflowSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComfySection {
+    pub url: Option<Url>,
+    /// Run a simulator for this node instead of reaching a real ComfyUI.
+    pub simulate: Option<ComfySimConfig>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LangflowSection {
+    pub url: Option<Url>,
+    /// Run a simulator for this node instead of reaching a real LangFlow.
+    pub simulate: Option<LangflowSimConfig>,
+    /// Environment variable holding the LangFlow API key.
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub flows: BTreeMap<String, FlowConfig>,
+}
+
+/// Where the configuration came from, for messages and relative paths.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Embedded,
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Embedded => write!(f, "the built-in config/{DEFAULT_CONFIG}"),
+            Source::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Reads the file named on the command line, or the embedded default.
+pub fn load(path: Option<&Path>) -> anyhow::Result<(ConfigFile, Source)> {
+    let (text, source) = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            (text, Source::File(path.to_path_buf()))
+        }
+        None => (embedded_text(DEFAULT_CONFIG)?, Source::Embedded),
+    };
+    let file: ConfigFile =
+        toml::from_str(&text).with_context(|| format!("invalid configuration in {source}"))?;
+    Ok((file, source))
+}
+
+/// A text file from the embedded `config/` folder.
+pub fn embedded_text(name: &str) -> anyhow::Result<String> {
+    let file = Embedded::get(name).with_context(|| format!("config/{name} is not built in"))?;
+    String::from_utf8(file.data.into_owned()).with_context(|| format!("config/{name} is not UTF-8"))
+}
+
+/// The built-in templates plus those of the file's template folder, if any.
+pub fn templates(file: &ConfigFile, source: &Source) -> anyhow::Result<TemplateLibrary> {
+    let mut sources = Vec::new();
+    for name in Embedded::iter().filter(|name| name.starts_with("templates/")) {
+        sources.push((name.to_string(), embedded_text(&name)?));
+    }
+    let mut library =
+        TemplateLibrary::from_sources(sources.iter().map(|(n, t)| (n.as_str(), t.as_str())))
+            .context("a built-in template is invalid")?;
+    if let Some(dir) = &file.templates.dir {
+        let dir = match source {
+            Source::File(path) => path.parent().unwrap_or(Path::new(".")).join(dir),
+            Source::Embedded => dir.clone(),
+        };
+        let extra = TemplateLibrary::load_dir(&dir)
+            .with_context(|| format!("cannot load templates from {}", dir.display()))?;
+        library.merge(extra);
+    }
+    Ok(library)
+}
+
+/// Simulators started for the configuration; they stop when the daemon stops.
+#[derive(Default)]
+pub struct Simulators {
+    pub comfyui: Vec<ComfySim>,
+    pub langflow: Vec<LangflowSim>,
+}
+
+/// Turns the file into the actors' configuration, starting the simulators it asks for and
+/// reading secrets from the environment. Every error names the node and the field.
+pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simulators)> {
+    let mut sims = Simulators::default();
+    let mut nodes = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    if file.nodes.is_empty() {
+        bail!("the configuration has no [[nodes]]: nothing could run a workflow");
+    }
+    for node in &file.nodes {
+        if !names.insert(node.name.as_str()) {
+            bail!("node name {:?} appears twice in [[nodes]]", node.name);
+        }
+        if node.comfyui.is_none() && node.langflow.is_none() {
+            bail!("node {}: needs a [nodes.comfyui] or [nodes.langflow] section", node.name);
+        }
+        let comfyui = match &node.comfyui {
+            Some(section) => Some(resolve_comfy(node, section, &mut sims).await?),
+            None => None,
+        };
+        let langflow = match &node.langflow {
+            Some(section) => Some(resolve_langflow(node, section, &mut sims).await?),
+            None => None,
+        };
+        nodes.push(NodeConfig {
+            name: node.name.clone(),
+            host: node.host.clone(),
+            os: node.os.clone(),
+            gpus: node.gpus.clone(),
+            slots: node.slots,
+            comfyui,
+            langflow,
+        });
+    }
+    let config = ClusterConfig {
+        default_image_template: file.templates.image.clone().unwrap_or("flux-txt2img".into()),
+        default_video_template: file.templates.video.clone().unwrap_or("wan21-i2v".into()),
+        nodes,
+    };
+    Ok((config, sims))
+}
+
+async fn resolve_comfy(
+    node: &NodeSection,
+    section: &ComfySection,
+    sims: &mut Simulators,
+) -> anyhow::Result<ComfyServiceConfig> {
+    let url = match (&section.url, &section.simulate) {
+        (Some(url), None) => url.clone(),
+        (None, Some(sim)) => {
+            let mut sim = sim.clone();
+            if sim.models.is_empty() {
+                sim.models = section.models.clone();
+            }
+            if let Some(gpu) = node.gpus.first() {
+                sim.vram_mb = gpu.vram_mb;
+                sim.gpu_name = gpu.model.clone();
+            }
+            let started = ComfySim::start(sim, loopback_any_port())
+                .await
+                .with_context(|| format!("node {}: cannot start the ComfyUI simulator", node.name))?;
+            let url = started.url();
+            info!(node = %node.name, %url, "ComfyUI simulator started");
+            sims.comfyui.push(started);
+            url
+        }
+        _ => bail!("node {}: [nodes.comfyui] needs exactly one of `url` and `simulate`", node.name),
+    };
+    Ok(ComfyServiceConfig {
+        url,
+        capabilities: section.capabilities.clone(),
+        models: section.models.clone(),
+    })
+}
+
+async fn resolve_langflow(
+    node: &NodeSection,
+    section: &LangflowSection,
+    sims: &mut Simulators,
+) -> anyhow::Result<LangflowServiceConfig> {
+    let mut api_key = match &section.api_key_env {
+        Some(var) => Some(std::env::var(var).with_context(|| {
+            format!("node {}: [nodes.langflow] api_key_env names {var}, which is not set", node.name)
+        })?),
+        None => None,
+    };
+    let url = match (&section.url, &section.simulate) {
+        (Some(url), None) => url.clone(),
+        (None, Some(sim)) => {
+            let mut sim = sim.clone();
+            if sim.api_key.is_none() {
+                sim.api_key = api_key.clone();
+            }
+            api_key = sim.api_key.clone();
+            let started = LangflowSim::start(sim, loopback_any_port()).await.with_context(|| {
+                format!("node {}: cannot start the LangFlow simulator", node.name)
+            })?;
+            let url = started.url();
+            info!(node = %node.name, %url, "LangFlow simulator started");
+            sims.langflow.push(started);
+            url
+        }
+        _ => bail!("node {}: [nodes.langflow] needs exactly one of `url` and `simulate`", node.name),
+    };
+    Ok(LangflowServiceConfig { url, api_key, flows: section.flows.clone() })
+}
+
+fn loopback_any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}

@@ -1,0 +1,130 @@
+//! REST handlers: each one extracts, asks the [`Cluster`], and shapes the answer.
+
+use actix_files::NamedFile;
+use actix_web::http::header::{ContentDisposition, DispositionParam, DispositionType};
+use actix_web::{web, HttpRequest, HttpResponse};
+use multiplex_actors::cluster::Cluster;
+use multiplex_actors::store::RunRecord;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::ApiError;
+
+/// Most runs one listing returns.
+const MAX_LIST: usize = 500;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api")
+            .route("/workflows", web::post().to(submit))
+            .route("/workflows", web::get().to(list))
+            .route("/workflows/{id}", web::get().to(get_run))
+            .route("/workflows/{id}/cancel", web::post().to(cancel))
+            .route("/nodes", web::get().to(nodes))
+            .route("/health", web::get().to(health))
+            .route("/artifacts/{id}", web::get().to(artifact)),
+    );
+}
+
+/// The run as clients see it: the stored record with a download link on every artifact.
+pub fn run_view(record: &RunRecord) -> Value {
+    let mut view = serde_json::to_value(record).unwrap_or(Value::Null);
+    if let Some(object) = view.as_object_mut() {
+        // The submitted document is the client's own; lists stay small without it.
+        object.remove("document");
+    }
+    if let Some(steps) = view.get_mut("steps").and_then(Value::as_array_mut) {
+        for step in steps {
+            let Some(artifacts) = step.get_mut("artifacts").and_then(Value::as_array_mut) else {
+                continue;
+            };
+            for artifact in artifacts {
+                if let Some(id) = artifact.get("id").and_then(Value::as_str) {
+                    artifact["url"] = json!(format!("/api/artifacts/{id}"));
+                }
+            }
+        }
+    }
+    view
+}
+
+async fn submit(
+    cluster: web::Data<Cluster>,
+    document: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let record = cluster.submit(document.into_inner()).await?;
+    Ok(HttpResponse::Created()
+        .insert_header(("Location", format!("/api/workflows/{}", record.id)))
+        .json(run_view(&record)))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    before: Option<String>,
+}
+
+async fn list(
+    cluster: web::Data<Cluster>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_LIST);
+    let runs = cluster.runs(limit, query.before.as_deref())?;
+    let views: Vec<Value> = runs.iter().map(run_view).collect();
+    Ok(HttpResponse::Ok().json(json!({ "runs": views })))
+}
+
+async fn get_run(
+    cluster: web::Data<Cluster>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let record = cluster.run(&id).await?;
+    Ok(HttpResponse::Ok().json(run_view(&record)))
+}
+
+async fn cancel(
+    cluster: web::Data<Cluster>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let record = cluster.cancel(&id).await?;
+    Ok(HttpResponse::Ok().json(run_view(&record)))
+}
+
+async fn nodes(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {
+    let nodes = cluster.nodes().await?;
+    Ok(HttpResponse::Ok().json(json!({ "nodes": nodes })))
+}
+
+async fn health(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {
+    let nodes = cluster.nodes().await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "nodes_total": nodes.len(),
+        "nodes_available": nodes.iter().filter(|node| node.available).count(),
+        "live_runs": cluster.live_runs(),
+    })))
+}
+
+/// Serves an artifact's file with its recorded type; actix-files handles Range and ETags.
+async fn artifact(
+    cluster: web::Data<Cluster>,
+    id: web::Path<String>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let files = cluster.store().artifacts();
+    let meta = files
+        .get(&id)
+        .map_err(|err| ApiError::Internal(err.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no artifact with id {id}")))?;
+    let path = files.path(&meta.id);
+    let file = NamedFile::open_async(&path).await.map_err(|err| {
+        ApiError::Internal(format!("artifact {} is indexed but its file is unreadable: {err}", meta.id))
+    })?;
+    let mime: mime::Mime = meta.mime.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
+    let disposition = ContentDisposition {
+        disposition: DispositionType::Inline,
+        parameters: vec![DispositionParam::Filename(meta.filename.clone())],
+    };
+    Ok(file.set_content_type(mime).set_content_disposition(disposition).into_response(&request))
+}

@@ -1,0 +1,107 @@
+//! Every error the HTTP API answers, mapped to a status code in one place.
+//!
+//! Bodies are `{"error": code, "message": sentence}`, plus `issues` for an invalid workflow,
+//! so clients can branch on the code and show the sentence.
+
+use actix_web::http::StatusCode;
+use actix_web::{error::JsonPayloadError, web, HttpResponse, ResponseError};
+use multiplex_actors::cluster::ClusterError;
+use multiplex_actors::workflow::ValidationIssue;
+use serde_json::json;
+use tracing::error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the workflow is invalid: {}", summarize(.0))]
+    Invalid(Vec<ValidationIssue>),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body too large: {0}")]
+    TooLarge(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn summarize(issues: &[ValidationIssue]) -> String {
+    let first: Vec<String> = issues.iter().take(3).map(|i| i.message.clone()).collect();
+    let more = issues.len().saturating_sub(3);
+    if more > 0 {
+        format!("{} (and {more} more)", first.join("; "))
+    } else {
+        first.join("; ")
+    }
+}
+
+impl ApiError {
+    /// The stable code clients branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => "invalid_workflow",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut body = json!({ "error": self.code(), "message": self.to_string() });
+        if let ApiError::Invalid(issues) = self {
+            body["issues"] = json!(issues);
+        }
+        HttpResponse::build(self.status_code()).json(body)
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(err: ClusterError) -> ApiError {
+        match err {
+            ClusterError::Invalid(issues) => ApiError::Invalid(issues),
+            ClusterError::NotFound(_) => ApiError::NotFound(err.to_string()),
+            ClusterError::AlreadyEnded { .. } => ApiError::Conflict(err.to_string()),
+            ClusterError::Store(_) | ClusterError::ActorGone(_) => {
+                error!(error = %err, "request failed inside the daemon");
+                ApiError::Internal(err.to_string())
+            }
+        }
+    }
+}
+
+/// JSON extraction that answers in our error shape and says what is wrong with the body.
+pub fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default().limit(limit).error_handler(move |err, _req| {
+        let api_error = match &err {
+            JsonPayloadError::OverflowKnownLength { length, limit } => {
+                ApiError::TooLarge(format!("{length} bytes, the limit is {limit}"))
+            }
+            JsonPayloadError::Overflow { limit } => {
+                ApiError::TooLarge(format!("more than the limit of {limit} bytes"))
+            }
+            JsonPayloadError::ContentType => ApiError::BadRequest(
+                "the body must be JSON, sent with Content-Type: application/json".into(),
+            ),
+            JsonPayloadError::Deserialize(inner) => {
+                ApiError::BadRequest(format!("the body is not valid JSON: {inner}"))
+            }
+            other => ApiError::BadRequest(format!("cannot read the body: {other}")),
+        };
+        actix_web::error::InternalError::from_response(err, api_error.error_response()).into()
+    })
+}

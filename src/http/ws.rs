@@ -1,0 +1,260 @@
+//! The `UiSession` actor: one per WebSocket connection at `/ws`.
+//!
+//! A session subscribes to the activity hub (all runs, or one) and forwards each event as a
+//! JSON text frame; it also takes `submit` and `cancel` commands, so a canvas needs nothing
+//! but this socket. Frames are parsed into a [`Command`] first, then each command has its
+//! own method. A client that stops answering pings is dropped; one that reads too slowly
+//! misses events (and is told how many) rather than making the daemon buffer without bound.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use multiplex_actors::activity::{Delivery, Filter, Subscribe, Unsubscribe};
+use multiplex_actors::cluster::{Cluster, ClusterError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::{debug, info};
+
+use super::api::run_view;
+use super::ApiError;
+
+/// How often the server pings the client.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// A client silent for this long is gone.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events queued for one client before it starts missing some.
+const MAILBOX_CAPACITY: usize = 1024;
+/// Largest frame a client may send (a workflow with an inline graph fits easily).
+const MAX_FRAME: usize = 1024 * 1024;
+
+/// Upgrades `GET /ws` to a session.
+pub async fn connect(
+    request: HttpRequest,
+    stream: web::Payload,
+    cluster: web::Data<Cluster>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let session = UiSession {
+        cluster: cluster.get_ref().clone(),
+        subscription: None,
+        last_heard: Instant::now(),
+    };
+    ws::WsResponseBuilder::new(session, &request, stream).frame_size(MAX_FRAME).start()
+}
+
+/// A message from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Command {
+    Subscribe {
+        #[serde(default)]
+        run_id: Option<String>,
+        #[serde(default)]
+        since: Option<u64>,
+    },
+    Unsubscribe,
+    Submit {
+        workflow: Value,
+        #[serde(default)]
+        request_id: Option<Value>,
+    },
+    Cancel {
+        run_id: String,
+        #[serde(default)]
+        request_id: Option<Value>,
+    },
+    Ping,
+}
+
+impl Command {
+    fn parse(text: &str) -> Result<Command, String> {
+        serde_json::from_str(text).map_err(|err| {
+            format!(
+                "cannot read the message ({err}); expected an object with \"type\" one of \
+                 subscribe, unsubscribe, submit, cancel, ping"
+            )
+        })
+    }
+}
+
+/// One connected UI client.
+pub struct UiSession {
+    cluster: Cluster,
+    /// The hub's id for our subscription, once subscribed.
+    subscription: Option<u64>,
+    last_heard: Instant,
+}
+
+impl UiSession {
+    fn send_json(ctx: &mut ws::WebsocketContext<Self>, value: &Value) {
+        ctx.text(value.to_string());
+    }
+
+    fn run_command(&mut self, command: Command, ctx: &mut ws::WebsocketContext<Self>) {
+        match command {
+            Command::Subscribe { run_id, since } => self.subscribe(run_id, since, ctx),
+            Command::Unsubscribe => self.unsubscribe(),
+            Command::Submit { workflow, request_id } => self.submit(workflow, request_id, ctx),
+            Command::Cancel { run_id, request_id } => self.cancel(run_id, request_id, ctx),
+            Command::Ping => Self::send_json(ctx, &json!({ "type": "pong" })),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        run_id: Option<String>,
+        since: Option<u64>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        self.unsubscribe();
+        let filter = match &run_id {
+            Some(id) => Filter::Run(id.clone()),
+            None => Filter::All,
+        };
+        let subscribe =
+            Subscribe { recipient: ctx.address().recipient(), filter, replay_after: since };
+        let hub = self.cluster.hub().clone();
+        // `wait`: events replayed by the hub must not overtake the `subscribed` reply.
+        ctx.wait(hub.send(subscribe).into_actor(self).map(move |result, act, ctx| {
+            match result {
+                Ok(id) => {
+                    act.subscription = Some(id);
+                    Self::send_json(ctx, &json!({ "type": "subscribed", "run_id": run_id }));
+                }
+                Err(_) => Self::send_json(
+                    ctx,
+                    &json!({ "type": "error", "error": "internal", "message": "activity hub unavailable" }),
+                ),
+            }
+        }));
+    }
+
+    fn unsubscribe(&mut self) {
+        if let Some(id) = self.subscription.take() {
+            self.cluster.hub().do_send(Unsubscribe(id));
+        }
+    }
+
+    fn submit(
+        &mut self,
+        workflow: Value,
+        request_id: Option<Value>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let cluster = self.cluster.clone();
+        let work = async move { cluster.submit(workflow).await };
+        ctx.spawn(work.into_actor(self).map(move |result, _act, ctx| {
+            let reply = match result {
+                Ok(record) => {
+                    json!({ "type": "submitted", "request_id": request_id, "run": run_view(&record) })
+                }
+                Err(err) => error_reply(err, request_id),
+            };
+            Self::send_json(ctx, &reply);
+        }));
+    }
+
+    fn cancel(
+        &mut self,
+        run_id: String,
+        request_id: Option<Value>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let cluster = self.cluster.clone();
+        let work = async move { cluster.cancel(&run_id).await };
+        ctx.spawn(work.into_actor(self).map(move |result, _act, ctx| {
+            let reply = match result {
+                Ok(record) => {
+                    json!({ "type": "cancelled", "request_id": request_id, "run": run_view(&record) })
+                }
+                Err(err) => error_reply(err, request_id),
+            };
+            Self::send_json(ctx, &reply);
+        }));
+    }
+}
+
+/// The same code and message the REST API would give.
+fn error_reply(err: ClusterError, request_id: Option<Value>) -> Value {
+    let api = ApiError::from(err);
+    let mut reply = json!({
+        "type": "error",
+        "request_id": request_id,
+        "error": api.code(),
+        "message": api.to_string(),
+    });
+    if let ApiError::Invalid(issues) = &api {
+        reply["issues"] = json!(issues);
+    }
+    reply
+}
+
+impl Actor for UiSession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        debug!("ui session connected");
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
+            if act.last_heard.elapsed() > CLIENT_TIMEOUT {
+                info!("ui session timed out");
+                ctx.stop();
+                return;
+            }
+            ctx.ping(b"");
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.unsubscribe();
+        debug!("ui session closed");
+    }
+}
+
+impl Handler<Delivery> for UiSession {
+    type Result = ();
+
+    fn handle(&mut self, delivery: Delivery, ctx: &mut Self::Context) {
+        match delivery {
+            Delivery::Event(event) => match serde_json::to_string(&event) {
+                Ok(text) => ctx.text(text),
+                Err(err) => debug!(error = %err, "event not serializable"),
+            },
+            Delivery::Missed(count) => {
+                Self::send_json(ctx, &json!({ "type": "missed", "count": count }))
+            }
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for UiSession {
+    fn handle(&mut self, message: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        match message {
+            Ok(ws::Message::Text(text)) => match Command::parse(&text) {
+                Ok(command) => self.run_command(command, ctx),
+                Err(message) => Self::send_json(
+                    ctx,
+                    &json!({ "type": "error", "error": "bad_request", "message": message }),
+                ),
+            },
+            Ok(ws::Message::Ping(bytes)) => ctx.pong(&bytes),
+            Ok(ws::Message::Pong(_)) => {}
+            Ok(ws::Message::Binary(_)) => Self::send_json(
+                ctx,
+                &json!({ "type": "error", "error": "bad_request",
+                          "message": "binary frames are not understood; send JSON text" }),
+            ),
+            Ok(ws::Message::Close(reason)) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+            Ok(ws::Message::Continuation(_)) | Ok(ws::Message::Nop) => {}
+            Err(err) => {
+                info!(error = %err, "ui session protocol error");
+                ctx.stop();
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The Multiplex daemon: configuration, the HTTP interfaces and the CLI's client side.
+//!
+//! - [`config`]: the TOML file, the embedded default, and starting simulated nodes.
+//! - [`daemon`]: wiring: store, actors (from `multiplex-actors`) and the HTTP server.
+//! - [`http`]: REST admin API, artifact downloads and the UI WebSocket.
+//! - [`client`]: what `multiplex submit`, `status` and `nodes` use to talk to a daemon.
+//!
+//! The binary (`src/main.rs`) only parses the command line and calls into these.
+
+pub mod client;
+#[cfg(feature = "wip-daemon")]
+pub mod config;
+#[cfg(feature = "wip-daemon")]
+pub mod daemon;
+#[cfg(feature = "wip-daemon")]
+pub mod http;
