@@ -1,0 +1,112 @@
+//! Every kind of invalid workflow is refused before anything runs, with every problem named.
+
+use serde_json::{json, Value};
+
+use crate::util::{cluster_config, TestDaemon};
+
+/// Submits and returns the issues of the 400 answer.
+async fn issues_of(test: &TestDaemon, workflow: Value) -> Vec<Value> {
+    let (status, body) = test.post("/api/workflows", &workflow).await;
+    assert_eq!(status, 400, "expected a refusal: {body}");
+    assert_eq!(body["error"], "invalid_workflow", "{body}");
+    body["issues"].as_array().cloned().unwrap_or_default()
+}
+
+fn has(issues: &[Value], code: &str, node: Option<&str>, edge: Option<&str>) -> bool {
+    issues.iter().any(|issue| {
+        issue["code"] == code
+            && node.is_none_or(|n| issue["node"] == n)
+            && edge.is_none_or(|e| issue["edge"] == e)
+    })
+}
+
+#[actix_rt::test]
+async fn every_validation_problem_is_reported_at_once_naming_its_culprit() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+
+    let issues = issues_of(&test, json!({
+        "name": "many problems",
+        "nodes": [
+            {"id": "a", "type": "intent", "data": {"prompt": "x"}},
+            {"id": "a", "type": "intent", "data": {"prompt": "y"}},
+            {"id": "w", "type": "wormhole", "data": {}},
+            {"id": "img", "type": "image", "data": {"steps": "many"}},
+            {"id": "noprompt", "type": "intent", "data": {}}
+        ],
+        "edges": [
+            {"id": "e1", "source": "a", "target": "img"},
+            {"id": "e1", "source": "a", "target": "ghost"}
+        ]
+    }))
+    .await;
+    assert!(has(&issues, "duplicate_node_id", Some("a"), None), "{issues:?}");
+    assert!(has(&issues, "duplicate_edge_id", None, Some("e1")), "{issues:?}");
+    assert!(has(&issues, "unknown_type", Some("w"), None), "{issues:?}");
+    assert!(has(&issues, "invalid_parameter", Some("img"), None), "{issues:?}");
+    assert!(has(&issues, "missing_parameter", Some("noprompt"), None), "{issues:?}");
+    assert!(has(&issues, "missing_node", None, Some("e1")), "{issues:?}");
+    test.daemon.stop().await;
+}
+
+#[actix_rt::test]
+async fn cycles_wrong_kinds_missing_inputs_and_impossible_steps_are_refused() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+
+    let cycle = issues_of(&test, json!({
+        "nodes": [
+            {"id": "p", "type": "langflow", "data": {"flow": "echo"}},
+            {"id": "q", "type": "langflow", "data": {"flow": "echo"}}
+        ],
+        "edges": [
+            {"id": "e1", "source": "p", "target": "q"},
+            {"id": "e2", "source": "q", "target": "p"}
+        ]
+    }))
+    .await;
+    assert!(cycle.iter().any(|i| i["code"] == "cycle"
+        && matches!(i["node"].as_str(), Some("p" | "q"))), "{cycle:?}");
+
+    let wrong_kind = issues_of(&test, json!({
+        "nodes": [
+            {"id": "brief", "type": "intent", "data": {"prompt": "x"}},
+            {"id": "clip", "type": "video", "data": {}}
+        ],
+        "edges": [{"id": "e1", "source": "brief", "target": "clip"}]
+    }))
+    .await;
+    assert!(has(&wrong_kind, "wrong_input_kind", Some("clip"), None)
+        || has(&wrong_kind, "wrong_input_kind", None, Some("e1")), "{wrong_kind:?}");
+
+    let missing_input = issues_of(&test, json!({
+        "nodes": [{"id": "clip", "type": "video", "data": {}}],
+        "edges": []
+    }))
+    .await;
+    assert!(has(&missing_input, "missing_input", Some("clip"), None), "{missing_input:?}");
+
+    let impossible = issues_of(&test, json!({
+        "nodes": [{"id": "talk", "type": "langflow", "data": {"flow": "not-served", "input": "x"}}],
+        "edges": []
+    }))
+    .await;
+    assert!(has(&impossible, "no_capable_node", Some("talk"), None), "{impossible:?}");
+
+    let handles = issues_of(&test, json!({
+        "nodes": [
+            {"id": "brief", "type": "intent", "data": {"prompt": "x"}},
+            {"id": "still", "type": "image", "data": {}}
+        ],
+        "edges": [{"id": "e1", "source": "brief", "target": "still", "targetHandle": "nope"}]
+    }))
+    .await;
+    assert!(has(&handles, "unknown_handle", None, Some("e1")), "{handles:?}");
+
+    let ui_export = issues_of(&test, json!({
+        "nodes": [{"id": "raw", "type": "comfyui",
+                   "data": {"workflow": {"nodes": [], "links": [], "version": 0.4}}}],
+        "edges": []
+    }))
+    .await;
+    assert!(has(&ui_export, "invalid_workflow", Some("raw"), None), "{ui_export:?}");
+    test.daemon.stop().await;
+}
