@@ -279,7 +279,7 @@ impl GpuNode {
     ) -> Result<std::pin::Pin<Box<dyn std::future::Future<Output = TaskEvent>>>, StepError> {
         let node = self.config.name.clone();
         let files = self.files.clone();
-        match task.job {
+        match task.job.clone() {
             RemoteJob::Comfy(job) => {
                 let comfy = self.comfy.as_ref().ok_or_else(|| no_service(&node, "comfyui"))?;
                 let client = comfy.client.clone();
@@ -297,8 +297,10 @@ impl GpuNode {
                             JobProgress::Progress { value, max, node: detail } => {
                                 TaskEvent::Progress { value, max, detail }
                             }
-                            JobProgress::Preview { mime, bytes } => TaskEvent::Preview { mime, bytes },
-                            JobProgress::Warning(message) => TaskEvent::Notice(message),
+                            JobProgress::Preview { mime, bytes, .. } => {
+                                TaskEvent::Preview { mime, bytes }
+                            }
+                            JobProgress::Warning { message, .. } => TaskEvent::Notice(message),
                             _ => return,
                         };
                         updates.do_send(TaskUpdate { key: task.key.clone(), node: node.clone(), event });

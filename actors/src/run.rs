@@ -291,6 +291,7 @@ impl WorkflowRun {
             return;
         };
         let remote_id = uuid::Uuid::new_v4().to_string();
+        let run_id = self.record.id.clone();
         let Some(step) = self.record.step_mut(step_id) else { return };
         step.attempts += 1;
         step.state = StepState::Queued;
@@ -299,7 +300,7 @@ impl WorkflowRun {
             Service::LangFlow => RemoteRef::Langflow { session_id: remote_id.clone() },
         });
         let key = TaskKey {
-            run_id: self.record.id.clone(),
+            run_id,
             step_id: step_id.to_string(),
             attempt: step.attempts,
         };
@@ -339,11 +340,11 @@ impl WorkflowRun {
     }
 
     fn fail_step(&mut self, step_id: &str, error: StepError, ctx: &mut Context<Self>) {
+        warn!(run_id = %self.record.id, step = %step_id, error = %error.message, "step failed");
         let Some(step) = self.record.step_mut(step_id) else { return };
         if step.state.is_terminal() {
             return;
         }
-        warn!(run_id = %self.record.id, step = %step_id, error = %error.message, "step failed");
         step.state = StepState::Failed;
         step.finished_at = Some(OffsetDateTime::now_utc());
         step.error = Some(error.clone());

@@ -6,7 +6,7 @@
 //! wins (a cold Flux or Wan load costs tens of seconds), then the one with the most free
 //! slots. Tasks nobody can take now wait in arrival order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use actix::prelude::*;
 use serde::Serialize;
