@@ -562,7 +562,9 @@ fn check_cycles(graph: &DiGraph<usize, ()>, nodes: &[Node], issues: &mut Issues)
         let mut members: Vec<usize> = component.iter().map(|&n| graph[n]).collect();
         members.sort_unstable();
         let names: Vec<&str> = members.iter().map(|&i| nodes[i].id.as_str()).collect();
-        let first = names[0];
+        let Some(&first) = names.first() else {
+            continue;
+        };
         let message = if names.len() == 1 {
             format!("step '{first}' feeds itself")
         } else {
