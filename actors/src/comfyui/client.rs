@@ -1,0 +1,382 @@
+//! ComfyUI's REST API: submit, inspect, upload, download, cancel.
+//!
+//! Requests carry no `Origin` header: ComfyUI refuses (403) an Origin naming another host than
+//! its Host header, which is what a request through an SSH tunnel would look like. Files go
+//! both ways as streams, so a multi-GB video never sits in memory.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::multipart::{Form, Part};
+use reqwest::{Response, StatusCode};
+use serde_json::{json, Map, Value};
+use tokio_util::io::ReaderStream;
+use tracing::debug;
+use url::Url;
+
+use super::history::{HistoryEntry, OutputFile, QueueState, SystemStats};
+use super::ComfyError;
+use crate::artifact::{ArtifactKind, ArtifactMeta};
+use crate::store::ArtifactFiles;
+
+/// How long to wait for a TCP connection to a node before calling it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much of an unexpected answer's body is kept for the error message.
+const ERROR_BODY_LIMIT: usize = 2048;
+
+/// A REST client for one ComfyUI server. Cheap to clone (the connection pool is shared).
+#[derive(Debug, Clone)]
+pub struct ComfyClient {
+    http: reqwest::Client,
+    base: Url,
+}
+
+/// ComfyUI's answer to an accepted `POST /prompt`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    /// The id the server runs the prompt under: ours on recent servers, its own on old ones.
+    pub prompt_id: String,
+    /// Queue position (negative for `front: true`); ComfyUI may send it as a float.
+    pub number: Option<i64>,
+    /// Outputs dropped because of validation errors; the rest of the prompt still runs.
+    pub node_errors: Map<String, Value>,
+}
+
+/// Where ComfyUI stored an uploaded image; `name` may differ from the name sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedImage {
+    pub name: String,
+    pub subfolder: String,
+    pub folder_type: String,
+}
+
+impl UploadedImage {
+    /// The value a `LoadImage` input takes to load this file.
+    pub fn load_image_value(&self) -> String {
+        if self.subfolder.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.subfolder, self.name)
+        }
+    }
+}
+
+impl ComfyClient {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:8188`).
+    pub fn new(base: Url) -> ComfyClient {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            // Building fails only if the TLS backend cannot initialise: a broken install.
+            .unwrap_or_else(|_| reqwest::Client::new());
+        ComfyClient::with_http(base, http)
+    }
+
+    /// A client sharing an existing connection pool.
+    pub fn with_http(base: Url, http: reqwest::Client) -> ComfyClient {
+        ComfyClient { http, base }
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// `GET /system_stats`: version and devices with their VRAM.
+    pub async fn system_stats(&self) -> Result<SystemStats, ComfyError> {
+        let answer = self.get_json("system_stats").await?;
+        Ok(SystemStats::from_answer(answer))
+    }
+
+    /// `GET /queue`: the running and pending prompt ids.
+    pub async fn queue(&self) -> Result<QueueState, ComfyError> {
+        let answer = self.get_json("queue").await?;
+        Ok(QueueState::from_answer(&answer))
+    }
+
+    /// `GET /history/{id}`. `None` means "still queued or running, or unknown": tell them
+    /// apart with [`queue`](Self::queue). The bare `/history` list is never requested.
+    pub async fn history(&self, prompt_id: &str) -> Result<Option<HistoryEntry>, ComfyError> {
+        let answer = self
+            .get_json(&format!("history/{}", encode(prompt_id)))
+            .await?;
+        Ok(HistoryEntry::from_answer(prompt_id, &answer))
+    }
+
+    /// `POST /prompt` with our prompt id and client id. A 400 is returned verbatim as
+    /// [`ComfyError::Rejected`]; read the id to follow from the answer, not from the request.
+    pub async fn submit(
+        &self,
+        prompt: &Value,
+        prompt_id: &str,
+        client_id: &str,
+        extra_data: Option<&Map<String, Value>>,
+    ) -> Result<Accepted, ComfyError> {
+        let mut body = json!({"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id});
+        if let Some(extra) = extra_data {
+            body["extra_data"] = Value::Object(extra.clone());
+        }
+        let url = self.url("prompt")?;
+        let response = self
+            .send(self.http.post(url.clone()).json(&body), &url)
+            .await?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|source| transport(&url, source))?;
+        if status == StatusCode::BAD_REQUEST {
+            if let Ok(answer) = serde_json::from_str::<Value>(&text) {
+                return Err(ComfyError::Rejected {
+                    prompt_id: prompt_id.to_string(),
+                    error: answer.get("error").cloned().unwrap_or(Value::Null),
+                    node_errors: answer.get("node_errors").cloned().unwrap_or(json!({})),
+                });
+            }
+        }
+        if !status.is_success() {
+            // ComfyUI answers malformed requests with a plain-text 500.
+            return Err(unexpected(&url, status, &text));
+        }
+        let answer: Value = serde_json::from_str(&text).map_err(|err| ComfyError::Decode {
+            url: url.to_string(),
+            detail: err.to_string(),
+        })?;
+        let accepted = Accepted {
+            prompt_id: answer
+                .get("prompt_id")
+                .and_then(Value::as_str)
+                .unwrap_or(prompt_id)
+                .to_string(),
+            number: answer
+                .get("number")
+                .and_then(|n| n.as_i64().or_else(|| n.as_f64().map(|f| f as i64))),
+            node_errors: answer
+                .get("node_errors")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        debug!(prompt_id = %accepted.prompt_id, number = ?accepted.number, "prompt accepted");
+        Ok(accepted)
+    }
+
+    /// `POST /upload/image` (multipart `image`, `type=input`, `overwrite=true`), streaming the
+    /// file from disk. Use the returned name: ComfyUI may rename on a clash.
+    pub async fn upload_image(
+        &self,
+        path: &Path,
+        filename: &str,
+    ) -> Result<UploadedImage, ComfyError> {
+        let io_error = |source| ComfyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = tokio::fs::File::open(path).await.map_err(io_error)?;
+        let len = file.metadata().await.map_err(io_error)?.len();
+        let body = reqwest::Body::wrap_stream(ReaderStream::new(file));
+        let (_, mime) = crate::artifact::classify_filename(filename);
+        let part = Part::stream_with_length(body, len)
+            .file_name(filename.to_string())
+            .mime_str(mime)
+            .map_err(|err| ComfyError::Decode {
+                url: mime.into(),
+                detail: err.to_string(),
+            })?;
+        let form = Form::new()
+            .part("image", part)
+            .text("type", "input")
+            .text("overwrite", "true");
+        let url = self.url("upload/image")?;
+        let response = self
+            .send(self.http.post(url.clone()).multipart(form), &url)
+            .await?;
+        let answer = json_answer(response, &url).await?;
+        let field = |key: &str| answer.get(key).and_then(Value::as_str).map(str::to_string);
+        let name = field("name").ok_or_else(|| ComfyError::Decode {
+            url: url.to_string(),
+            detail: format!("no `name` in the upload answer {answer}"),
+        })?;
+        debug!(sent = filename, stored = %name, bytes = len, "image uploaded");
+        Ok(UploadedImage {
+            name,
+            subfolder: field("subfolder").unwrap_or_default(),
+            folder_type: field("type").unwrap_or_else(|| "input".into()),
+        })
+    }
+
+    /// `GET /view?filename&subfolder&type`, streamed into the artifact store.
+    pub async fn download(
+        &self,
+        output: &OutputFile,
+        files: &ArtifactFiles,
+        kind: ArtifactKind,
+    ) -> Result<ArtifactMeta, ComfyError> {
+        let mut url = self.url("view")?;
+        url.query_pairs_mut()
+            .append_pair("filename", &output.filename)
+            .append_pair("subfolder", &output.subfolder)
+            .append_pair("type", &output.folder_type);
+        let response = self.send(self.http.get(url.clone()), &url).await?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(unexpected(&url, status, &text));
+        }
+        let mime = if output.mime == "application/octet-stream" {
+            response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or(&output.mime)
+                .to_string()
+        } else {
+            output.mime.clone()
+        };
+        let meta = files
+            .put_stream(response.bytes_stream(), &output.filename, kind, &mime)
+            .await
+            .map_err(|source| ComfyError::Store {
+                filename: output.filename.clone(),
+                source,
+            })?;
+        debug!(file = %output.filename, artifact = %meta.id, size = meta.size, "output stored");
+        Ok(meta)
+    }
+
+    /// `POST /interrupt {prompt_id}`: stops the prompt if it is the one running (ComfyUI
+    /// ignores the call otherwise). Interruption lands at the next node boundary.
+    pub async fn interrupt(&self, prompt_id: &str) -> Result<(), ComfyError> {
+        self.post_ok("interrupt", &json!({"prompt_id": prompt_id}))
+            .await
+    }
+
+    /// `POST /queue {delete: [ids]}`: removes pending prompts; unknown ids are ignored.
+    pub async fn delete_queued(&self, prompt_ids: &[String]) -> Result<(), ComfyError> {
+        self.post_ok("queue", &json!({"delete": prompt_ids})).await
+    }
+
+    async fn post_ok(&self, path: &str, body: &Value) -> Result<(), ComfyError> {
+        let url = self.url(path)?;
+        let response = self
+            .send(self.http.post(url.clone()).json(body), &url)
+            .await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(unexpected(&url, status, &text))
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, ComfyError> {
+        let url = self.url(path)?;
+        let response = self.send(self.http.get(url.clone()), &url).await?;
+        json_answer(response, &url).await
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &Url,
+    ) -> Result<Response, ComfyError> {
+        request
+            .send()
+            .await
+            .map_err(|source| transport(url, source))
+    }
+
+    fn url(&self, path: &str) -> Result<Url, ComfyError> {
+        join(&self.base, path)
+    }
+}
+
+/// Joins a path to a base URL, keeping any path prefix the base has (a reverse proxy may
+/// serve ComfyUI under `/comfy/`).
+pub(crate) fn join(base: &Url, path: &str) -> Result<Url, ComfyError> {
+    let mut base = base.clone();
+    if !base.path().ends_with('/') {
+        let with_slash = format!("{}/", base.path());
+        base.set_path(&with_slash);
+    }
+    base.join(path).map_err(|err| ComfyError::Decode {
+        url: path.into(),
+        detail: err.to_string(),
+    })
+}
+
+fn encode(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+async fn json_answer(response: Response, url: &Url) -> Result<Value, ComfyError> {
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|source| transport(url, source))?;
+    if !status.is_success() {
+        return Err(unexpected(url, status, &text));
+    }
+    serde_json::from_str(&text).map_err(|err| ComfyError::Decode {
+        url: url.to_string(),
+        detail: err.to_string(),
+    })
+}
+
+fn transport(url: &Url, source: reqwest::Error) -> ComfyError {
+    ComfyError::Transport {
+        url: url.to_string(),
+        source,
+    }
+}
+
+fn unexpected(url: &Url, status: StatusCode, body: &str) -> ComfyError {
+    let mut body = body.trim().to_string();
+    if body.len() > ERROR_BODY_LIMIT {
+        let mut cut = ERROR_BODY_LIMIT;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+    }
+    ComfyError::Status {
+        url: url.to_string(),
+        status: status.as_u16(),
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_keeps_a_path_prefix() {
+        let base = Url::parse("http://gpu1:8188").unwrap();
+        assert_eq!(
+            join(&base, "history/x").unwrap().as_str(),
+            "http://gpu1:8188/history/x"
+        );
+        let proxied = Url::parse("https://proxy/comfy").unwrap();
+        assert_eq!(
+            join(&proxied, "prompt").unwrap().as_str(),
+            "https://proxy/comfy/prompt"
+        );
+    }
+
+    #[test]
+    fn load_image_value_includes_the_subfolder() {
+        let plain = UploadedImage {
+            name: "rec_input (1).png".into(),
+            subfolder: String::new(),
+            folder_type: "input".into(),
+        };
+        assert_eq!(plain.load_image_value(), "rec_input (1).png");
+        let sub = UploadedImage {
+            subfolder: "recsub".into(),
+            ..plain
+        };
+        assert_eq!(sub.load_image_value(), "recsub/rec_input (1).png");
+    }
+}

@@ -1,0 +1,656 @@
+//! Running one ComfyUI job: inputs in, prompt submitted, events followed, outputs stored.
+//!
+//! The sequence follows the recordings: upload each input and inject the name ComfyUI returns;
+//! submit with our prompt id and the node's client id; follow that prompt's events until
+//! `execution_success` or `executing {node: null}`; then read `/history/{id}`, which decides
+//! (it can lag the events by a moment, so it is retried briefly); finally stream each output
+//! into the artifact store.
+//!
+//! The events come from the node's shared socket through a broadcast channel. A quiet, lagging
+//! or closed channel never makes a job hang: it falls back to polling `/history/{id}` and
+//! `/queue`, and a prompt that neither knows is reported [`JobError::Lost`].
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tracing::{debug, info, warn, Instrument};
+
+use super::client::ComfyClient;
+use super::events::{ComfyEvent, ExecutionErrorEvent};
+use super::history::HistoryEntry;
+use super::ComfyError;
+use crate::artifact::{ArtifactKind, ArtifactMeta};
+use crate::store::ArtifactFiles;
+use crate::workflow::ComfyJob;
+
+/// With no event for our prompt for this long, ask `/history` and `/queue` where it stands.
+/// Only a check, never a failure: a model load or a slow sampler step can be silent for long.
+const QUIET_CHECK: Duration = Duration::from_secs(15);
+
+/// Polling interval bounds once the event channel is gone.
+const POLL_MIN: Duration = Duration::from_millis(250);
+const POLL_MAX: Duration = Duration::from_secs(5);
+
+/// History can lag `execution_success`; read it this many times, doubling the pause from
+/// `HISTORY_LAG_FIRST_PAUSE` (about 1.5 s in all) before asking the queue.
+const HISTORY_LAG_ATTEMPTS: u32 = 6;
+const HISTORY_LAG_FIRST_PAUSE: Duration = Duration::from_millis(50);
+
+/// Consecutive checks that find the prompt neither in history nor in the queue before it is
+/// declared lost (the server restarted and forgot it).
+const UNKNOWN_CHECKS_BEFORE_LOST: u32 = 3;
+
+/// The key under `extra_data` holding our prompt id. Old servers ignore our `prompt_id` and
+/// mint their own; the extra data is kept in history and queue entries, so our id can still
+/// be matched there.
+pub const EXTRA_DATA_PROMPT_ID: &str = "multiplex_prompt_id";
+
+/// What a running job reports along the way (not durable; for live views).
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobProgress {
+    /// The prompt is queued under this id.
+    Submitted {
+        prompt_id: String,
+        number: Option<i64>,
+    },
+    /// ComfyUI accepted the prompt but dropped the outputs these nodes feed (200 with
+    /// `node_errors`); the valid branch still runs.
+    Warning {
+        message: String,
+        node_errors: Value,
+    },
+    Started,
+    /// Nodes whose cached results are reused.
+    Cached {
+        nodes: Vec<String>,
+    },
+    Executing {
+        node: String,
+    },
+    Progress {
+        node: Option<String>,
+        value: f64,
+        max: f64,
+    },
+    Preview {
+        mime: String,
+        bytes: Bytes,
+        node: Option<String>,
+    },
+    /// An output was stored.
+    Stored(ArtifactMeta),
+}
+
+/// Why a ComfyUI job failed, naming the prompt and, where known, the node.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Refused at submission (400) or unusable as given: deterministic, never retried.
+    #[error("prompt {prompt_id} rejected: {message}")]
+    Rejected {
+        prompt_id: String,
+        message: String,
+        node_errors: Value,
+    },
+    /// A node raised while running.
+    #[error(
+        "prompt {prompt_id} failed in node {} ({}): {}{}",
+        node_id.as_deref().unwrap_or("?"),
+        node_type.as_deref().unwrap_or("unknown class"),
+        exception_type.as_deref().map(|t| format!("{t}: ")).unwrap_or_default(),
+        message.trim_end()
+    )]
+    Execution {
+        prompt_id: String,
+        node_id: Option<String>,
+        node_type: Option<String>,
+        exception_type: Option<String>,
+        message: String,
+        traceback: Vec<String>,
+    },
+    #[error(
+        "prompt {prompt_id} interrupted{}",
+        node_id.as_deref().map(|n| format!(" at node {n}")).unwrap_or_default()
+    )]
+    Interrupted {
+        prompt_id: String,
+        node_id: Option<String>,
+    },
+    /// The node could not be reached or answered oddly; worth retrying (reconcile first).
+    #[error("prompt {prompt_id}: {source}")]
+    Transport {
+        prompt_id: String,
+        source: ComfyError,
+    },
+    /// The node knows nothing of the prompt (neither queued, running nor in history).
+    #[error("prompt {prompt_id} is unknown to ComfyUI at {node_url} (restarted?)")]
+    Lost { prompt_id: String, node_url: String },
+    /// A local problem: an input file, or the artifact store.
+    #[error("prompt {prompt_id}: {source}")]
+    Local {
+        prompt_id: String,
+        source: ComfyError,
+    },
+}
+
+impl JobError {
+    pub fn prompt_id(&self) -> &str {
+        match self {
+            JobError::Rejected { prompt_id, .. }
+            | JobError::Execution { prompt_id, .. }
+            | JobError::Interrupted { prompt_id, .. }
+            | JobError::Transport { prompt_id, .. }
+            | JobError::Lost { prompt_id, .. }
+            | JobError::Local { prompt_id, .. } => prompt_id,
+        }
+    }
+
+    /// A GPU out-of-memory error: worth one retry on a node with more free VRAM, not a loop.
+    pub fn is_out_of_memory(&self) -> bool {
+        let JobError::Execution {
+            exception_type,
+            message,
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let message = message.to_ascii_lowercase();
+        exception_type
+            .as_deref()
+            .is_some_and(|t| t.contains("OutOfMemoryError"))
+            || message.contains("out of memory")
+            || message.contains("allocation on device")
+    }
+
+    /// Whether running the job again (after reconciling) may succeed: transport trouble and a
+    /// forgotten prompt. Out-of-memory is decided separately by [`is_out_of_memory`]
+    /// (Self::is_out_of_memory).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, JobError::Transport { .. } | JobError::Lost { .. })
+    }
+
+    /// Structured details for the user: ComfyUI's `node_errors` of a rejection, or the
+    /// failing node and traceback of an execution error.
+    pub fn details(&self) -> Option<Value> {
+        match self {
+            JobError::Rejected { node_errors, .. } => {
+                let empty = node_errors.as_object().is_some_and(Map::is_empty);
+                (!empty).then(|| serde_json::json!({"node_errors": node_errors}))
+            }
+            JobError::Execution {
+                node_id,
+                node_type,
+                exception_type,
+                traceback,
+                ..
+            } => Some(serde_json::json!({
+                "node_id": node_id,
+                "node_type": node_type,
+                "exception_type": exception_type,
+                "traceback": traceback,
+            })),
+            _ => None,
+        }
+    }
+
+    fn from_event(prompt_id: &str, err: &ExecutionErrorEvent) -> JobError {
+        JobError::Execution {
+            prompt_id: prompt_id.to_string(),
+            node_id: err.node_id.clone(),
+            node_type: err.node_type.clone(),
+            exception_type: err.exception_type.clone(),
+            message: err.exception_message.clone(),
+            traceback: err.traceback.clone(),
+        }
+    }
+}
+
+/// Runs `job` on the ComfyUI behind `client` and returns the stored outputs.
+///
+/// `events` must have been subscribed to the node's socket before this is called (and the
+/// socket must be connected with `client_id`), so no event of the prompt can be missed.
+/// `prompt_id` should already be recorded durably with the node (DESIGN.md section 5).
+pub async fn run_job(
+    client: &ComfyClient,
+    job: &ComfyJob,
+    prompt_id: &str,
+    client_id: &str,
+    events: broadcast::Receiver<ComfyEvent>,
+    files: &ArtifactFiles,
+    mut on_progress: impl FnMut(JobProgress),
+) -> Result<Vec<ArtifactMeta>, JobError> {
+    let span = tracing::info_span!("comfy_job", prompt_id, node_url = %client.base_url());
+    async {
+        let prompt = prepare_prompt(client, job, prompt_id).await?;
+        let followed = submit(client, &prompt, prompt_id, client_id, &mut on_progress).await?;
+        let entry = follow(client, &followed, events, &mut on_progress).await?;
+        let outputs = collect(
+            client,
+            &followed,
+            &entry,
+            job.output_kind,
+            files,
+            &mut on_progress,
+        )
+        .await?;
+        info!(outputs = outputs.len(), "prompt finished");
+        Ok(outputs)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Uploads each input and writes the returned name into the prompt's JSON.
+async fn prepare_prompt(
+    client: &ComfyClient,
+    job: &ComfyJob,
+    prompt_id: &str,
+) -> Result<Value, JobError> {
+    let mut prompt = job.prompt.clone();
+    for slot in &job.uploads {
+        let uploaded = client
+            .upload_image(&slot.path, &slot.filename)
+            .await
+            .map_err(|err| match err {
+                ComfyError::Io { .. } => JobError::Local {
+                    prompt_id: prompt_id.into(),
+                    source: err,
+                },
+                other => JobError::Transport {
+                    prompt_id: prompt_id.into(),
+                    source: other,
+                },
+            })?;
+        let value = Value::String(uploaded.load_image_value());
+        inject(&mut prompt, &slot.node_id, &slot.input_name, value).map_err(|message| {
+            JobError::Rejected {
+                prompt_id: prompt_id.into(),
+                message,
+                node_errors: Value::Object(Map::new()),
+            }
+        })?;
+        debug!(node = %slot.node_id, input = %slot.input_name, file = %uploaded.name, "input set");
+    }
+    Ok(prompt)
+}
+
+/// Sets `prompt[node_id]["inputs"][input_name] = value` on the parsed graph.
+pub fn inject(
+    prompt: &mut Value,
+    node_id: &str,
+    input_name: &str,
+    value: Value,
+) -> Result<(), String> {
+    let node = prompt
+        .get_mut(node_id)
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| {
+            format!("the workflow has no node {node_id} to receive input {input_name}")
+        })?;
+    let inputs = node
+        .entry("inputs")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let inputs = inputs
+        .as_object_mut()
+        .ok_or_else(|| format!("node {node_id} has an `inputs` that is not an object"))?;
+    inputs.insert(input_name.to_string(), value);
+    Ok(())
+}
+
+async fn submit(
+    client: &ComfyClient,
+    prompt: &Value,
+    prompt_id: &str,
+    client_id: &str,
+    on_progress: &mut impl FnMut(JobProgress),
+) -> Result<String, JobError> {
+    let mut extra = Map::new();
+    extra.insert(EXTRA_DATA_PROMPT_ID.into(), Value::String(prompt_id.into()));
+    let accepted = match client
+        .submit(prompt, prompt_id, client_id, Some(&extra))
+        .await
+    {
+        Ok(accepted) => accepted,
+        Err(ComfyError::Rejected {
+            error, node_errors, ..
+        }) => {
+            let message = super::rejection_summary(&error, &node_errors);
+            warn!(%message, "prompt rejected");
+            return Err(JobError::Rejected {
+                prompt_id: prompt_id.into(),
+                message,
+                node_errors,
+            });
+        }
+        Err(source) => {
+            return Err(JobError::Transport {
+                prompt_id: prompt_id.into(),
+                source,
+            })
+        }
+    };
+    if accepted.prompt_id != prompt_id {
+        // Older servers mint their own id; follow theirs.
+        warn!(server_prompt_id = %accepted.prompt_id, "ComfyUI ignored our prompt id");
+    }
+    on_progress(JobProgress::Submitted {
+        prompt_id: accepted.prompt_id.clone(),
+        number: accepted.number,
+    });
+    if !accepted.node_errors.is_empty() {
+        let node_errors = Value::Object(accepted.node_errors);
+        let message = format!(
+            "some outputs were dropped: {}",
+            super::rejection_summary(&Value::Null, &node_errors)
+        );
+        warn!(%message, "prompt accepted with node errors");
+        on_progress(JobProgress::Warning {
+            message,
+            node_errors,
+        });
+    }
+    Ok(accepted.prompt_id)
+}
+
+/// How following the events ended.
+enum Signal {
+    /// The events say the prompt is done (success or `executing null`).
+    Done,
+    /// The channel went away; poll from here on.
+    Poll,
+}
+
+/// Follows the prompt until its history entry says how it ended.
+async fn follow(
+    client: &ComfyClient,
+    prompt_id: &str,
+    mut events: broadcast::Receiver<ComfyEvent>,
+    on_progress: &mut impl FnMut(JobProgress),
+) -> Result<HistoryEntry, JobError> {
+    // Whether ComfyUI is executing our prompt right now: type 1 previews and `executing`
+    // resent after a reconnect carry no prompt id and belong to whatever runs.
+    let mut ours_running = false;
+    let mut unknown_checks = 0;
+    let signal = loop {
+        let event = match tokio::time::timeout(QUIET_CHECK, events.recv()).await {
+            Ok(Ok(event)) => event,
+            Ok(Err(RecvError::Lagged(missed))) => {
+                // The receiver goes on from the oldest retained event; the end may be lost.
+                warn!(missed, "event channel lagged; checking history");
+                match check(client, prompt_id, &mut unknown_checks).await? {
+                    Some(entry) => return Ok(entry),
+                    None => continue,
+                }
+            }
+            Ok(Err(RecvError::Closed)) => {
+                warn!("event channel closed; polling");
+                break Signal::Poll;
+            }
+            Err(_quiet) => {
+                debug!("no event for a while; checking history");
+                match check(client, prompt_id, &mut unknown_checks).await? {
+                    Some(entry) => return Ok(entry),
+                    None => continue,
+                }
+            }
+        };
+        let named = event.prompt_id();
+        let ours = named == Some(prompt_id) || (named.is_none() && ours_running);
+        match event {
+            ComfyEvent::ExecutionStart { prompt_id: ref id } => {
+                ours_running = id == prompt_id;
+                if ours_running {
+                    on_progress(JobProgress::Started);
+                }
+            }
+            ComfyEvent::ExecutionCached { nodes, .. } if ours => {
+                on_progress(JobProgress::Cached { nodes });
+            }
+            ComfyEvent::Executing {
+                node: Some(node),
+                prompt_id: id,
+            } => {
+                if id.is_some() {
+                    ours_running = ours;
+                }
+                if ours {
+                    debug!(node = %node, "executing");
+                    on_progress(JobProgress::Executing { node });
+                }
+            }
+            ComfyEvent::Executing { node: None, .. } if named == Some(prompt_id) => {
+                break Signal::Done;
+            }
+            ComfyEvent::ExecutionSuccess { .. } if ours => break Signal::Done,
+            ComfyEvent::Progress {
+                node, value, max, ..
+            } if ours => {
+                on_progress(JobProgress::Progress { node, value, max });
+            }
+            ComfyEvent::Preview(preview) if ours => {
+                on_progress(JobProgress::Preview {
+                    mime: preview.mime,
+                    bytes: preview.image,
+                    node: preview.node_id,
+                });
+            }
+            ComfyEvent::ExecutionError(err) if named == Some(prompt_id) => {
+                let error = JobError::from_event(prompt_id, &err);
+                warn!(node = ?err.node_id, class = ?err.node_type, "{error}");
+                return Err(error);
+            }
+            ComfyEvent::ExecutionInterrupted { node_id, .. } if named == Some(prompt_id) => {
+                warn!(node = ?node_id, "prompt interrupted");
+                return Err(JobError::Interrupted {
+                    prompt_id: prompt_id.into(),
+                    node_id,
+                });
+            }
+            _ => {}
+        }
+    };
+
+    match signal {
+        Signal::Done => finished_entry(client, prompt_id).await,
+        Signal::Poll => poll(client, prompt_id).await,
+    }
+}
+
+/// Reads the history of a prompt the events say is done, allowing for history lag.
+async fn finished_entry(client: &ComfyClient, prompt_id: &str) -> Result<HistoryEntry, JobError> {
+    let mut pause = HISTORY_LAG_FIRST_PAUSE;
+    for _ in 0..HISTORY_LAG_ATTEMPTS {
+        if let Some(entry) = history(client, prompt_id).await? {
+            return Ok(entry);
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    debug!("history still empty after the end event; polling");
+    poll(client, prompt_id).await
+}
+
+/// Polls history and queue (with a growing pause) until the prompt ends or is lost.
+async fn poll(client: &ComfyClient, prompt_id: &str) -> Result<HistoryEntry, JobError> {
+    let mut pause = POLL_MIN;
+    let mut unknown_checks = 0;
+    loop {
+        if let Some(entry) = check(client, prompt_id, &mut unknown_checks).await? {
+            return Ok(entry);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(POLL_MAX);
+    }
+}
+
+/// One look at where the prompt stands: its history entry if finished, `None` if still
+/// queued or running, [`JobError::Lost`] once it has been unknown too many times in a row.
+async fn check(
+    client: &ComfyClient,
+    prompt_id: &str,
+    unknown_checks: &mut u32,
+) -> Result<Option<HistoryEntry>, JobError> {
+    if let Some(entry) = history(client, prompt_id).await? {
+        return Ok(Some(entry));
+    }
+    let queue = client.queue().await.map_err(|source| JobError::Transport {
+        prompt_id: prompt_id.into(),
+        source,
+    })?;
+    if queue.contains(prompt_id) {
+        *unknown_checks = 0;
+        return Ok(None);
+    }
+    // Finished between the two requests?
+    if let Some(entry) = history(client, prompt_id).await? {
+        return Ok(Some(entry));
+    }
+    *unknown_checks += 1;
+    if *unknown_checks >= UNKNOWN_CHECKS_BEFORE_LOST {
+        warn!("prompt neither queued nor in history");
+        return Err(JobError::Lost {
+            prompt_id: prompt_id.into(),
+            node_url: client.base_url().to_string(),
+        });
+    }
+    tokio::time::sleep(POLL_MIN).await;
+    Ok(None)
+}
+
+async fn history(client: &ComfyClient, prompt_id: &str) -> Result<Option<HistoryEntry>, JobError> {
+    client
+        .history(prompt_id)
+        .await
+        .map_err(|source| JobError::Transport {
+            prompt_id: prompt_id.into(),
+            source,
+        })
+}
+
+/// Turns a history entry into stored artifacts, or into the error it records.
+async fn collect(
+    client: &ComfyClient,
+    prompt_id: &str,
+    entry: &HistoryEntry,
+    expected: ArtifactKind,
+    files: &ArtifactFiles,
+    on_progress: &mut impl FnMut(JobProgress),
+) -> Result<Vec<ArtifactMeta>, JobError> {
+    if entry.is_error() {
+        if let Some(err) = entry.execution_error() {
+            return Err(JobError::from_event(prompt_id, err));
+        }
+        if let Some((node_id, _)) = entry.was_interrupted() {
+            return Err(JobError::Interrupted {
+                prompt_id: prompt_id.into(),
+                node_id,
+            });
+        }
+        return Err(JobError::Execution {
+            prompt_id: prompt_id.into(),
+            node_id: None,
+            node_type: None,
+            exception_type: None,
+            message: "ComfyUI recorded the prompt as failed without saying why".into(),
+            traceback: Vec::new(),
+        });
+    }
+    let deliverables = entry.deliverables();
+    if deliverables.is_empty() {
+        warn!("prompt finished without any saved output");
+    }
+    let mut stored = Vec::with_capacity(deliverables.len());
+    for output in deliverables {
+        // The extension decides; an unknown one takes the kind the step expects.
+        let kind = if output.kind == ArtifactKind::Data {
+            expected
+        } else {
+            output.kind
+        };
+        let meta = client
+            .download(&output, files, kind)
+            .await
+            .map_err(|err| match err {
+                ComfyError::Store { .. } => JobError::Local {
+                    prompt_id: prompt_id.into(),
+                    source: err,
+                },
+                other => JobError::Transport {
+                    prompt_id: prompt_id.into(),
+                    source: other,
+                },
+            })?;
+        on_progress(JobProgress::Stored(meta.clone()));
+        stored.push(meta);
+    }
+    Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn inject_sets_the_input_on_parsed_json() {
+        let mut prompt = json!({"1": {"class_type": "LoadImage", "inputs": {"image": "$input"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}});
+        inject(&mut prompt, "1", "image", json!("rec_input (1).png")).unwrap();
+        assert_eq!(prompt["1"]["inputs"]["image"], "rec_input (1).png");
+        assert_eq!(prompt["2"]["inputs"]["images"], json!(["1", 0]));
+        assert!(inject(&mut prompt, "9", "image", json!("x"))
+            .unwrap_err()
+            .contains("node 9"));
+    }
+
+    #[test]
+    fn errors_name_node_class_and_message() {
+        let err = JobError::Execution {
+            prompt_id: "p1".into(),
+            node_id: Some("4".into()),
+            node_type: Some("ImageBatch".into()),
+            exception_type: Some("RuntimeError".into()),
+            message: "Sizes of tensors must match\n".into(),
+            traceback: vec![],
+        };
+        assert_eq!(
+            err.to_string(),
+            "prompt p1 failed in node 4 (ImageBatch): RuntimeError: Sizes of tensors must match"
+        );
+        assert!(!err.is_out_of_memory() && !err.is_retryable());
+        let oom = JobError::Execution {
+            prompt_id: "p1".into(),
+            node_id: Some("3".into()),
+            node_type: Some("KSampler".into()),
+            exception_type: Some("torch.OutOfMemoryError".into()),
+            message: "CUDA out of memory. Tried to allocate 2.00 GiB".into(),
+            traceback: vec![],
+        };
+        assert!(oom.is_out_of_memory());
+        let alloc = JobError::Execution {
+            prompt_id: "p1".into(),
+            node_id: None,
+            node_type: None,
+            exception_type: Some("RuntimeError".into()),
+            message: "Allocation on device 0 would exceed allowed memory".into(),
+            traceback: vec![],
+        };
+        assert!(alloc.is_out_of_memory());
+        let lost = JobError::Lost {
+            prompt_id: "p1".into(),
+            node_url: "http://gpu1/".into(),
+        };
+        assert!(lost.is_retryable());
+        assert_eq!(
+            JobError::Interrupted {
+                prompt_id: "p1".into(),
+                node_id: Some("11".into())
+            }
+            .to_string(),
+            "prompt p1 interrupted at node 11"
+        );
+    }
+}
