@@ -78,6 +78,10 @@ pub fn parse_stream_event(block: &str) -> Option<StreamEvent> {
         return None;
     }
     let event: Value = serde_json::from_str(json).ok()?;
+    // A server that ignored `stream=true` sends one plain run answer.
+    if event.get("event").is_none() && event.get("outputs").is_some() {
+        return Some(StreamEvent::End(event));
+    }
     let data = event.get("data").cloned().unwrap_or(Value::Null);
     Some(
         match event.get("event").and_then(Value::as_str).unwrap_or("") {
@@ -365,6 +369,11 @@ mod tests {
             parse_stream_event(newer),
             Some(StreamEvent::Other("vertices_sorted".into()))
         );
+        let plain = r#"{"session_id": "s", "outputs": []}"#;
+        assert!(matches!(
+            parse_stream_event(plain),
+            Some(StreamEvent::End(_))
+        ));
         assert_eq!(parse_stream_event("\n"), None);
         assert_eq!(parse_stream_event("<html>"), None);
     }

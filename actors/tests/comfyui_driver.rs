@@ -1,0 +1,342 @@
+//! The ComfyUI driver against the ComfyUI simulator, over real sockets.
+//!
+//! Each test plays the node actor's part: one event socket per server, its events fanned out
+//! through a broadcast channel, and `run_job` following one prompt on it. What they guard:
+//! outputs reach the store, uploads are injected under the name ComfyUI returns, errors name
+//! the node at fault, previews bigger than actix's default frame limit get through, and a job
+//! whose event channel is gone still finishes by polling.
+
+use std::net::SocketAddr;
+
+use futures_util::StreamExt;
+use multiplex_actors::artifact::ArtifactKind;
+use multiplex_actors::comfyui::{
+    connect_events, run_job, ComfyClient, ComfyEvent, JobError, JobProgress,
+};
+use multiplex_actors::store::Store;
+use multiplex_actors::workflow::{ComfyJob, UploadSlot};
+use multiplex_sim::comfyui::{ComfyControl, ComfySim, ComfySimConfig};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// A simulated ComfyUI plus what a node keeps for it.
+struct Harness {
+    sim: ComfySim,
+    client: ComfyClient,
+    client_id: String,
+    events: broadcast::Sender<ComfyEvent>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(config: ComfySimConfig) -> Harness {
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
+        let sim = ComfySim::start(config, addr)
+            .await
+            .expect("simulator starts");
+        let client_id = uuid::Uuid::new_v4().simple().to_string();
+        let mut stream = connect_events(&sim.url(), &client_id)
+            .await
+            .expect("socket opens");
+        assert_eq!(stream.sid(), Some(client_id.as_str()));
+        let (events, _) = broadcast::channel(4096);
+        let sender = events.clone();
+        actix_rt::spawn(async move {
+            while let Some(Ok(event)) = stream.next().await {
+                let _ = sender.send(event);
+            }
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store opens");
+        Harness {
+            client: ComfyClient::new(sim.url()),
+            sim,
+            client_id,
+            events,
+            store,
+            _dir: dir,
+        }
+    }
+
+    async fn run(
+        &self,
+        job: &ComfyJob,
+    ) -> (
+        Result<Vec<multiplex_actors::artifact::ArtifactMeta>, JobError>,
+        Vec<JobProgress>,
+    ) {
+        let prompt_id = uuid::Uuid::new_v4().to_string();
+        let mut progress = Vec::new();
+        let outcome = run_job(
+            &self.client,
+            job,
+            &prompt_id,
+            &self.client_id,
+            self.events.subscribe(),
+            self.store.artifacts(),
+            |p| progress.push(p),
+        )
+        .await;
+        (outcome, progress)
+    }
+}
+
+fn job(prompt: Value) -> ComfyJob {
+    ComfyJob {
+        prompt,
+        uploads: Vec::new(),
+        output_kind: ArtifactKind::Image,
+    }
+}
+
+/// a_basic: EmptyImage -> ImageInvert -> SaveImage.
+fn basic_prompt() -> Value {
+    json!({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 16744448}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "mx_a"}}
+    })
+}
+
+fn fast() -> ComfySimConfig {
+    ComfySimConfig {
+        step_ms: 1,
+        model_load_ms: 1,
+        ..ComfySimConfig::default()
+    }
+}
+
+#[actix_rt::test]
+async fn basic_job_stores_the_png() {
+    let node = Harness::start(fast()).await;
+    let (outcome, progress) = node.run(&job(basic_prompt())).await;
+    let artifacts = outcome.expect("job succeeds");
+
+    assert_eq!(artifacts.len(), 1);
+    let png = &artifacts[0];
+    assert_eq!(png.kind, ArtifactKind::Image);
+    assert_eq!(png.mime, "image/png");
+    let bytes = std::fs::read(node.store.artifacts().path(&png.id)).expect("stored file");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(bytes.len() as u64, png.size);
+
+    assert!(matches!(
+        progress.first(),
+        Some(JobProgress::Submitted { .. })
+    ));
+    assert!(progress.contains(&JobProgress::Started));
+    assert!(progress.contains(&JobProgress::Executing { node: "3".into() }));
+    assert_eq!(node.sim.prompts_received(), 1);
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn uploaded_input_is_injected_under_the_returned_name() {
+    let node = Harness::start(fast()).await;
+    let (first, _) = node.run(&job(basic_prompt())).await;
+    let source = node
+        .store
+        .artifacts()
+        .path(&first.expect("first job")[0].id);
+
+    let prompt = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "mx_b"}}
+    });
+    let upload = ComfyJob {
+        prompt,
+        uploads: vec![UploadSlot {
+            path: source,
+            filename: "mx_input.png".into(),
+            node_id: "1".into(),
+            input_name: "image".into(),
+        }],
+        output_kind: ArtifactKind::Image,
+    };
+    let (outcome, _) = node.run(&upload).await;
+    let artifacts = outcome.expect("LoadImage job succeeds");
+    assert_eq!(artifacts.len(), 1);
+    assert_eq!(artifacts[0].mime, "image/png");
+
+    // A missing local file is a local error naming the path, before anything is submitted.
+    let mut missing = upload.clone();
+    missing.uploads[0].path = "/nonexistent/mx.png".into();
+    let (outcome, _) = node.run(&missing).await;
+    let err = outcome.expect_err("missing input fails");
+    assert!(matches!(err, JobError::Local { .. }), "{err:?}");
+    assert!(err.to_string().contains("/nonexistent/mx.png"));
+    assert_eq!(node.sim.prompts_received(), 2);
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn validation_error_is_rejected_with_node_errors() {
+    let node = Harness::start(fast()).await;
+    let mut prompt = basic_prompt();
+    prompt["2"]["inputs"] = json!({});
+    let (outcome, _) = node.run(&job(prompt)).await;
+    let err = outcome.expect_err("rejected");
+    let JobError::Rejected {
+        ref node_errors,
+        ref message,
+        ..
+    } = err
+    else {
+        panic!("expected a rejection, got {err:?}");
+    };
+    assert_eq!(node_errors["2"]["class_type"], "ImageInvert");
+    assert!(message.contains("node 2 ImageInvert"), "{message}");
+    assert!(!err.is_retryable());
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn partly_invalid_prompt_warns_and_runs_the_valid_branch() {
+    let node = Harness::start(fast()).await;
+    // c_invalid, one_bad_branch_one_good_branch: 200 with node_errors for node 2.
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageInvert", "inputs": {}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bad"}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "ok"}}
+    });
+    let (outcome, progress) = node.run(&job(prompt)).await;
+    let artifacts = outcome.expect("the valid branch runs");
+    assert_eq!(artifacts.len(), 1);
+    let warning = progress.iter().find_map(|p| match p {
+        JobProgress::Warning { message, .. } => Some(message.clone()),
+        _ => None,
+    });
+    assert!(warning.expect("a warning").contains("ImageInvert"));
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn execution_error_names_the_node() {
+    let node = Harness::start(fast()).await;
+    // g_exec_error: ImageBatch of an RGB and an RGBA image fails at run time.
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 1052688}},
+        "2": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 32, "height": 32}},
+        "3": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["1", 0], "alpha": ["2", 0]}},
+        "4": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["3", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "g"}}
+    });
+    let (outcome, _) = node.run(&job(prompt)).await;
+    let err = outcome.expect_err("fails at run time");
+    let JobError::Execution {
+        ref node_id,
+        ref node_type,
+        ..
+    } = err
+    else {
+        panic!("expected an execution error, got {err:?}");
+    };
+    assert_eq!(node_id.as_deref(), Some("4"));
+    assert_eq!(node_type.as_deref(), Some("ImageBatch"));
+    assert!(err.to_string().contains("node 4 (ImageBatch)"), "{err}");
+    assert!(!err.is_out_of_memory());
+
+    node.sim.control(ComfyControl {
+        oom_next: Some(1),
+        ..ComfyControl::default()
+    });
+    let (outcome, _) = node.run(&job(basic_prompt())).await;
+    let err = outcome.expect_err("out of memory");
+    assert!(err.is_out_of_memory(), "{err:?}");
+    node.sim.stop().await;
+}
+
+/// A KSampler graph, so the simulator sends a preview per step.
+fn sampler_prompt(steps: u64) -> Value {
+    json!({
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "seed": 1, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["5", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "ks"}}
+    })
+}
+
+#[actix_rt::test]
+async fn previews_larger_than_64_kib_arrive() {
+    let config = ComfySimConfig {
+        preview_bytes: 200_000,
+        ..fast()
+    };
+    let node = Harness::start(config).await;
+    let (outcome, progress) = node.run(&job(sampler_prompt(3))).await;
+    outcome.expect("sampler job succeeds");
+
+    let previews: Vec<usize> = progress
+        .iter()
+        .filter_map(|p| match p {
+            JobProgress::Preview { bytes, mime, .. } if mime.starts_with("image/") => {
+                Some(bytes.len())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(previews.len(), 3, "one preview per step");
+    assert!(previews.iter().all(|len| *len > 64 * 1024), "{previews:?}");
+    let steps = progress
+        .iter()
+        .filter(|p| matches!(p, JobProgress::Progress { .. }))
+        .count();
+    assert_eq!(steps, 3);
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_closed_event_channel_falls_back_to_polling() {
+    let node = Harness::start(fast()).await;
+    let (sender, receiver) = broadcast::channel(16);
+    drop(sender);
+    let outcome = run_job(
+        &node.client,
+        &job(basic_prompt()),
+        &uuid::Uuid::new_v4().to_string(),
+        &node.client_id,
+        receiver,
+        node.store.artifacts(),
+        |_| {},
+    )
+    .await;
+    assert_eq!(outcome.expect("finished by polling").len(), 1);
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn rest_calls_match_the_recordings() {
+    let node = Harness::start(fast()).await;
+    let stats = node.client.system_stats().await.expect("system stats");
+    assert!(!stats.devices.is_empty());
+    assert!(node.client.queue().await.expect("queue").running.is_empty());
+    assert_eq!(
+        node.client
+            .history("00000000-0000-0000-0000-000000000000")
+            .await
+            .unwrap(),
+        None
+    );
+    node.client
+        .interrupt("00000000-0000-0000-0000-000000000000")
+        .await
+        .expect("interrupt");
+    node.client
+        .delete_queued(&["not-a-queued-id".into()])
+        .await
+        .expect("delete");
+    node.sim.stop().await;
+}
