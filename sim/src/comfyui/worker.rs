@@ -202,7 +202,8 @@ impl Execution {
         self.meta.insert(id.to_owned(), meta);
     }
 
-    /// Interrupts and restarts land at node (and sampler step) boundaries.
+    /// Interrupts land at node boundaries, and between sampler steps as
+    /// ComfyUI's sampler callback raises them; restarts abandon the run.
     fn checkpoint(&self, id: &str) -> Result<(), Stop> {
         let mut state = self.shared.state();
         if state.generation != self.generation {
@@ -229,7 +230,7 @@ impl Execution {
             };
             let wait = if fresh > 0 { config.model_load_ms } else { config.step_ms };
             tokio::time::sleep(Duration::from_millis(wait)).await;
-            return self.checkpoint(id);
+            return self.still_current();
         }
         if SAMPLERS.contains(&class) {
             return self.sample(id, config.step_ms, config.preview_bytes).await;
@@ -238,7 +239,15 @@ impl Execution {
             self.stream_images(id);
         }
         tokio::time::sleep(Duration::from_millis(config.step_ms)).await;
-        self.checkpoint(id)
+        self.still_current()
+    }
+
+    /// An ordinary node always finishes; only a restart abandons it.
+    fn still_current(&self) -> Result<(), Stop> {
+        if self.shared.state().generation != self.generation {
+            return Err(Stop::Forgotten);
+        }
+        Ok(())
     }
 
     async fn sample(&mut self, id: &str, step_ms: u64, preview_bytes: usize) -> Result<(), Stop> {
