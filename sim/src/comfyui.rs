@@ -128,7 +128,12 @@ pub struct ComfySim {
     worker: tokio::task::JoinHandle<()>,
 }
 
-fn build(config: ComfySimConfig) -> io::Result<(Arc<Shared>, impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static)> {
+fn build(
+    config: ComfySimConfig,
+) -> io::Result<(
+    Arc<Shared>,
+    impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+)> {
     let shared = Arc::new(Shared::new(config, files::Files::create()?));
     let data = web::Data::new(shared.clone());
     let configure = move |cfg: &mut web::ServiceConfig| {
@@ -145,7 +150,12 @@ impl ComfySim {
         let served = crate::http::spawn(addr, true, configure)?;
         let worker = tokio::spawn(worker::run(shared.clone()));
         tracing::info!(addr = %served.addr, "comfyui simulator listening");
-        Ok(ComfySim { addr: served.addr, handle: served.handle, shared, worker })
+        Ok(ComfySim {
+            addr: served.addr,
+            handle: served.handle,
+            shared,
+            worker,
+        })
     }
 
     /// `http://127.0.0.1:PORT/`.
@@ -182,13 +192,20 @@ impl ComfySim {
 }
 
 pub(crate) fn base_url(addr: SocketAddr) -> url::Url {
-    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
     let text = match addr {
-        SocketAddr::V6(_) if !addr.ip().is_unspecified() => format!("http://[{host}]:{}/", addr.port()),
+        SocketAddr::V6(_) if !addr.ip().is_unspecified() => {
+            format!("http://[{host}]:{}/", addr.port())
+        }
         _ => format!("http://{host}:{}/", addr.port()),
     };
     // The text is built from a socket address, so it always parses.
-    url::Url::parse(&text).unwrap_or_else(|_| url::Url::parse("http://127.0.0.1/").expect("static url"))
+    url::Url::parse(&text)
+        .unwrap_or_else(|_| url::Url::parse("http://127.0.0.1/").expect("static url"))
 }
 
 /// Serves a ComfyUI simulator on `addr` until the process ends

@@ -32,20 +32,30 @@ where
 }
 
 /// Binds `addr` and returns the server future without spawning it.
-pub(crate) fn bind<F>(addr: SocketAddr, origin_check: bool, configure: F) -> io::Result<(Server, SocketAddr)>
+pub(crate) fn bind<F>(
+    addr: SocketAddr,
+    origin_check: bool,
+    configure: F,
+) -> io::Result<(Server, SocketAddr)>
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
     let server = HttpServer::new(move || {
         App::new()
-            .wrap(from_fn(move |req, next| guard_origin(origin_check, req, next)))
+            .wrap(from_fn(move |req, next| {
+                guard_origin(origin_check, req, next)
+            }))
             .configure(configure.clone())
     })
     .workers(1)
     .disable_signals()
     .shutdown_timeout(1)
     .bind(addr)?;
-    let bound = server.addrs().first().copied().ok_or_else(|| io::Error::other("no address bound"))?;
+    let bound = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| io::Error::other("no address bound"))?;
     Ok((server.run(), bound))
 }
 
@@ -61,12 +71,15 @@ async fn guard_origin(
         let response = HttpResponse::Forbidden().finish();
         return Ok(req.into_response(response).map_into_right_body());
     }
-    next.call(req).await.map(ServiceResponse::map_into_left_body)
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_left_body)
 }
 
 fn origin_mismatch(req: &ServiceRequest) -> bool {
     let headers = req.headers();
-    let (Some(host), Some(origin)) = (headers.get(header::HOST), headers.get(header::ORIGIN)) else {
+    let (Some(host), Some(origin)) = (headers.get(header::HOST), headers.get(header::ORIGIN))
+    else {
         return false;
     };
     let (Ok(host), Ok(origin)) = (host.to_str(), origin.to_str()) else {
@@ -76,7 +89,9 @@ fn origin_mismatch(req: &ServiceRequest) -> bool {
     let Ok(origin) = url::Url::parse(origin) else {
         return true;
     };
-    let hostname = host.rsplit_once(':').map_or(host.as_str(), |(name, _)| name);
+    let hostname = host
+        .rsplit_once(':')
+        .map_or(host.as_str(), |(name, _)| name);
     let loopback = matches!(hostname, "localhost" | "127.0.0.1" | "[::1]" | "::1");
     if !loopback {
         return false;

@@ -73,8 +73,16 @@ impl Default for LangflowSimConfig {
                     "prompt-expansion",
                     FlowBehavior::ExpandPrompt,
                 ),
-                SimFlow::new("6f1c3a52-2a8e-4d5b-9a41-0c1e5d7b8a04", "echo", FlowBehavior::Echo),
-                SimFlow::new("6f1c3a52-2a8e-4d5b-9a41-0c1e5d7b8a05", "fail", FlowBehavior::Fail),
+                SimFlow::new(
+                    "6f1c3a52-2a8e-4d5b-9a41-0c1e5d7b8a04",
+                    "echo",
+                    FlowBehavior::Echo,
+                ),
+                SimFlow::new(
+                    "6f1c3a52-2a8e-4d5b-9a41-0c1e5d7b8a05",
+                    "fail",
+                    FlowBehavior::Fail,
+                ),
             ],
         }
     }
@@ -91,10 +99,11 @@ pub(crate) struct Shared {
 impl Shared {
     fn flow(&self, id_or_name: &str) -> Option<&SimFlow> {
         let flows = &self.config.flows;
-        flows
-            .iter()
-            .find(|f| f.id == id_or_name)
-            .or_else(|| flows.iter().find(|f| f.endpoint_name.as_deref() == Some(id_or_name)))
+        flows.iter().find(|f| f.id == id_or_name).or_else(|| {
+            flows
+                .iter()
+                .find(|f| f.endpoint_name.as_deref() == Some(id_or_name))
+        })
     }
 
     fn storage(&self) -> PathBuf {
@@ -109,9 +118,20 @@ pub struct LangflowSim {
     shared: Arc<Shared>,
 }
 
-fn build(config: LangflowSimConfig) -> io::Result<(Arc<Shared>, impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static)> {
-    let storage = tempfile::Builder::new().prefix("multiplex-langflow-sim").tempdir()?;
-    let shared = Arc::new(Shared { config, storage, runs: AtomicUsize::new(0) });
+fn build(
+    config: LangflowSimConfig,
+) -> io::Result<(
+    Arc<Shared>,
+    impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+)> {
+    let storage = tempfile::Builder::new()
+        .prefix("multiplex-langflow-sim")
+        .tempdir()?;
+    let shared = Arc::new(Shared {
+        config,
+        storage,
+        runs: AtomicUsize::new(0),
+    });
     let data = web::Data::new(shared.clone());
     let configure = move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(data.clone()).configure(routes::configure);
@@ -126,7 +146,11 @@ impl LangflowSim {
         let (shared, configure) = build(config)?;
         let served = crate::http::spawn(addr, false, configure)?;
         tracing::info!(addr = %served.addr, "langflow simulator listening");
-        Ok(LangflowSim { addr: served.addr, handle: served.handle, shared })
+        Ok(LangflowSim {
+            addr: served.addr,
+            handle: served.handle,
+            shared,
+        })
     }
 
     pub fn url(&self) -> url::Url {

@@ -19,11 +19,17 @@ fn any_port() -> SocketAddr {
 }
 
 async fn start(config: ComfySimConfig) -> ComfySim {
-    ComfySim::start(config, any_port()).await.expect("simulator starts")
+    ComfySim::start(config, any_port())
+        .await
+        .expect("simulator starts")
 }
 
 fn fast() -> ComfySimConfig {
-    ComfySimConfig { step_ms: 1, model_load_ms: 1, ..ComfySimConfig::default() }
+    ComfySimConfig {
+        step_ms: 1,
+        model_load_ms: 1,
+        ..ComfySimConfig::default()
+    }
 }
 
 async fn connect(sim: &ComfySim, client_id: &str) -> Socket {
@@ -68,22 +74,32 @@ async fn text(socket: &mut Socket) -> Value {
 fn summarize(message: &Value) -> String {
     let data = &message["data"];
     match message["type"].as_str().unwrap_or_default() {
-        "status" => format!("status(q={})", data["status"]["exec_info"]["queue_remaining"]),
+        "status" => format!(
+            "status(q={})",
+            data["status"]["exec_info"]["queue_remaining"]
+        ),
         "executing" => match data["node"].as_str() {
             Some(node) => format!("executing({node})"),
             None => "executing(None)".into(),
         },
         "executed" => format!("executed({})", data["node"].as_str().unwrap()),
         "execution_cached" => {
-            let nodes: Vec<String> =
-                data["nodes"].as_array().unwrap().iter().map(|n| format!("'{}'", n.as_str().unwrap())).collect();
+            let nodes: Vec<String> = data["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| format!("'{}'", n.as_str().unwrap()))
+                .collect();
             format!("execution_cached([{}])", nodes.join(", "))
         }
         "progress_state" => {
-            let mut nodes: Vec<(&String, &Value)> = data["nodes"].as_object().unwrap().iter().collect();
+            let mut nodes: Vec<(&String, &Value)> =
+                data["nodes"].as_object().unwrap().iter().collect();
             nodes.sort_by_key(|(id, _)| id.parse::<u32>().unwrap_or(0));
-            let parts: Vec<String> =
-                nodes.iter().map(|(id, n)| format!("{id}:{}", n["state"].as_str().unwrap())).collect();
+            let parts: Vec<String> = nodes
+                .iter()
+                .map(|(id, n)| format!("{id}:{}", n["state"].as_str().unwrap()))
+                .collect();
             format!("progress_state({})", parts.join(","))
         }
         "progress" => format!("progress({})", data["node"].as_str().unwrap()),
@@ -112,13 +128,25 @@ fn http() -> reqwest::Client {
 }
 
 async fn post_prompt(sim: &ComfySim, body: Value) -> (u16, Value) {
-    let response = http().post(sim.url().join("prompt").unwrap()).json(&body).send().await.unwrap();
+    let response = http()
+        .post(sim.url().join("prompt").unwrap())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
 async fn get_json(sim: &ComfySim, path: &str) -> Value {
-    http().get(sim.url().join(path).unwrap()).send().await.unwrap().json().await.unwrap()
+    http()
+        .get(sim.url().join(path).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Polls `path` until `ready` holds, failing after [`WAIT`].
@@ -129,7 +157,10 @@ async fn poll(sim: &ComfySim, path: &str, ready: impl Fn(&Value) -> bool) -> Val
         if ready(&value) {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{path} never became ready: {value}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never became ready: {value}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -166,21 +197,33 @@ async fn basic_run_follows_the_recorded_sequence() {
     assert_eq!(first["data"]["sid"], "main");
     assert_eq!(summarize(&first), "status(q=0)");
 
-    let (status, answer) =
-        post_prompt(&sim, json!({"prompt": basic_graph("rec_a", 0xff8000), "client_id": "main"}))
-            .await;
+    let (status, answer) = post_prompt(
+        &sim,
+        json!({"prompt": basic_graph("rec_a", 0xff8000), "client_id": "main"}),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(answer["number"], 0);
     assert_eq!(answer["node_errors"], json!({}));
     let id = answer["prompt_id"].as_str().unwrap().to_owned();
 
     let expected = [
-        "status(q=1)", "status(q=1)", "execution_start", "execution_cached([])",
-        "progress_state(1:running)", "executing(1)", "progress_state(1:finished)",
-        "progress_state(1:finished,2:running)", "executing(2)",
+        "status(q=1)",
+        "status(q=1)",
+        "execution_start",
+        "execution_cached([])",
+        "progress_state(1:running)",
+        "executing(1)",
+        "progress_state(1:finished)",
+        "progress_state(1:finished,2:running)",
+        "executing(2)",
         "progress_state(1:finished,2:finished)",
-        "progress_state(1:finished,2:finished,3:running)", "executing(3)", "executed(3)",
-        "progress_state(1:finished,2:finished,3:finished)", "execution_success", "status(q=0)",
+        "progress_state(1:finished,2:finished,3:running)",
+        "executing(3)",
+        "executed(3)",
+        "progress_state(1:finished,2:finished,3:finished)",
+        "execution_success",
+        "status(q=0)",
         "executing(None)",
     ];
     assert_eq!(until_done(&mut socket).await, expected);
@@ -195,28 +238,45 @@ async fn basic_run_follows_the_recorded_sequence() {
     assert_eq!(entry["status"]["messages"].as_array().unwrap().len(), 3);
     assert_eq!(entry["meta"]["3"]["real_node_id"], "3");
     let image = &entry["outputs"]["3"]["images"][0];
-    assert_eq!(image, &json!({"filename": "rec_a_00001_.png", "subfolder": "", "type": "output"}));
+    assert_eq!(
+        image,
+        &json!({"filename": "rec_a_00001_.png", "subfolder": "", "type": "output"})
+    );
 
     let view = http()
-        .get(sim.url().join("view?filename=rec_a_00001_.png&subfolder=&type=output").unwrap())
+        .get(
+            sim.url()
+                .join("view?filename=rec_a_00001_.png&subfolder=&type=output")
+                .unwrap(),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(view.status(), 200);
     assert_eq!(view.headers()["content-type"], "image/png");
-    assert_eq!(view.headers()["content-disposition"], "filename=\"rec_a_00001_.png\"");
+    assert_eq!(
+        view.headers()["content-disposition"],
+        "filename=\"rec_a_00001_.png\""
+    );
     let png = multiplex_sim::media::decode_png(&view.bytes().await.unwrap()).unwrap();
     assert_eq!((png.width, png.height), (64, 64));
     assert_eq!(&png.frames[0][..3], &[0x00, 0x7f, 0xff], "orange inverted");
 
     let missing = http()
-        .get(sim.url().join("api/view?filename=nope.png&type=output").unwrap())
+        .get(
+            sim.url()
+                .join("api/view?filename=nope.png&type=output")
+                .unwrap(),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
     assert!(missing.bytes().await.unwrap().is_empty());
-    assert_eq!(get_json(&sim, "api/queue").await, json!({"queue_running": [], "queue_pending": []}));
+    assert_eq!(
+        get_json(&sim, "api/queue").await,
+        json!({"queue_running": [], "queue_pending": []})
+    );
     sim.stop().await;
 }
 
@@ -258,7 +318,10 @@ async fn invalid_prompts_get_comfyui_error_bodies() {
     graph["1"]["inputs"]["width"] = json!("wide");
     let (_, body) = post_prompt(&sim, json!({"prompt": graph})).await;
     let error = &body["node_errors"]["1"]["errors"][0];
-    assert_eq!(error["details"], "width, wide, invalid literal for int() with base 10: 'wide'");
+    assert_eq!(
+        error["details"],
+        "width, wide, invalid literal for int() with base 10: 'wide'"
+    );
 
     let graph = json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
@@ -291,9 +354,15 @@ async fn invalid_prompts_get_comfyui_error_bodies() {
     );
 
     let (status, body) = post_prompt(&sim, json!({"client_id": "x"})).await;
-    assert_eq!((status, body["error"]["type"].as_str()), (400, Some("no_prompt")));
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (400, Some("no_prompt"))
+    );
     let (status, body) = post_prompt(&sim, json!({"prompt": {}})).await;
-    assert_eq!((status, body["error"]["type"].as_str()), (400, Some("prompt_no_outputs")));
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (400, Some("prompt_no_outputs"))
+    );
 
     let malformed = http()
         .post(sim.url().join("prompt").unwrap())
@@ -303,7 +372,10 @@ async fn invalid_prompts_get_comfyui_error_bodies() {
         .await
         .unwrap();
     assert_eq!(malformed.status(), 500);
-    assert_eq!(malformed.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(
+        malformed.headers()["content-type"],
+        "text/plain; charset=utf-8"
+    );
 
     // A partly invalid prompt runs its valid branch and answers 200.
     let mut graph = basic_graph("c_bad", 0);
@@ -318,13 +390,24 @@ async fn invalid_prompts_get_comfyui_error_bodies() {
 }
 
 async fn upload(sim: &ComfySim, name: &str, bytes: Vec<u8>, fields: &[(&str, &str)]) -> Value {
-    let part = reqwest::multipart::Part::bytes(bytes).file_name(name.to_owned()).mime_str("image/png").unwrap();
+    let part = reqwest::multipart::Part::bytes(bytes)
+        .file_name(name.to_owned())
+        .mime_str("image/png")
+        .unwrap();
     let mut form = reqwest::multipart::Form::new().part("image", part);
     for (key, value) in fields {
         form = form.text((*key).to_owned(), (*value).to_owned());
     }
     let url = sim.url().join("upload/image").unwrap();
-    http().post(url).multipart(form).send().await.unwrap().json().await.unwrap()
+    http()
+        .post(url)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn small_png(width: u32, height: u32, shade: u8) -> Vec<u8> {
@@ -335,28 +418,60 @@ fn small_png(width: u32, height: u32, shade: u8) -> Vec<u8> {
 #[actix_rt::test]
 async fn uploads_dedup_rename_and_feed_load_image() {
     let sim = start(fast()).await;
-    let first = upload(&sim, "rec_input.png", small_png(32, 24, 1), &[("overwrite", "true")]).await;
-    assert_eq!(first, json!({"name": "rec_input.png", "subfolder": "", "type": "input"}));
-    let same = upload(&sim, "rec_input.png", small_png(32, 24, 1), &[("type", "input")]).await;
+    let first = upload(
+        &sim,
+        "rec_input.png",
+        small_png(32, 24, 1),
+        &[("overwrite", "true")],
+    )
+    .await;
+    assert_eq!(
+        first,
+        json!({"name": "rec_input.png", "subfolder": "", "type": "input"})
+    );
+    let same = upload(
+        &sim,
+        "rec_input.png",
+        small_png(32, 24, 1),
+        &[("type", "input")],
+    )
+    .await;
     assert_eq!(same["name"], "rec_input.png");
     let clash = upload(&sim, "rec_input.png", small_png(32, 24, 2), &[]).await;
     assert_eq!(clash["name"], "rec_input (1).png");
-    let sub = upload(&sim, "rec_sub.png", small_png(8, 8, 3), &[("subfolder", "recsub")]).await;
-    assert_eq!(sub, json!({"name": "rec_sub.png", "subfolder": "recsub", "type": "input"}));
+    let sub = upload(
+        &sim,
+        "rec_sub.png",
+        small_png(8, 8, 3),
+        &[("subfolder", "recsub")],
+    )
+    .await;
+    assert_eq!(
+        sub,
+        json!({"name": "rec_sub.png", "subfolder": "recsub", "type": "input"})
+    );
 
     let graph = json!({
         "1": {"class_type": "LoadImage", "inputs": {"image": "rec_input.png"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear",
-              "width": 64, "height": 48, "crop": "disabled"}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "rec_b"}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0],
+              "upscale_method": "bilinear", "width": 64, "height": 48, "crop": "disabled"}},
+        "3": {"class_type": "SaveImage",
+              "inputs": {"images": ["2", 0], "filename_prefix": "rec_b"}},
     });
     let (status, answer) = post_prompt(&sim, json!({"prompt": graph})).await;
     assert_eq!(status, 200);
     let id = answer["prompt_id"].as_str().unwrap().to_owned();
     let history = poll(&sim, &format!("history/{id}"), |h| h.get(&id).is_some()).await;
-    assert_eq!(history[&id]["outputs"]["3"]["images"][0]["filename"], "rec_b_00001_.png");
+    assert_eq!(
+        history[&id]["outputs"]["3"]["images"][0]["filename"],
+        "rec_b_00001_.png"
+    );
     let bytes = http()
-        .get(sim.url().join("view?filename=rec_b_00001_.png&type=output").unwrap())
+        .get(
+            sim.url()
+                .join("view?filename=rec_b_00001_.png&type=output")
+                .unwrap(),
+        )
         .send()
         .await
         .unwrap()
@@ -370,25 +485,46 @@ async fn uploads_dedup_rename_and_feed_load_image() {
 
 #[actix_rt::test]
 async fn history_is_empty_while_a_prompt_runs() {
-    let sim = start(ComfySimConfig { step_ms: 40, ..fast() }).await;
+    let sim = start(ComfySimConfig {
+        step_ms: 40,
+        ..fast()
+    })
+    .await;
     let prompt_id = "0b7c0e1e-0000-4000-8000-000000000001";
     let body = json!({"prompt": sampler_graph(10), "prompt_id": prompt_id});
     let (_, answer) = post_prompt(&sim, body).await;
     assert_eq!(answer["prompt_id"], prompt_id, "client-chosen ids are kept");
-    poll(&sim, "queue", |q| q["queue_running"].as_array().is_some_and(|r| !r.is_empty())).await;
-    assert_eq!(get_json(&sim, &format!("history/{prompt_id}")).await, json!({}));
+    poll(&sim, "queue", |q| {
+        q["queue_running"].as_array().is_some_and(|r| !r.is_empty())
+    })
+    .await;
+    assert_eq!(
+        get_json(&sim, &format!("history/{prompt_id}")).await,
+        json!({})
+    );
     assert_eq!(get_json(&sim, "history/unknown-id").await, json!({}));
-    let done = poll(&sim, &format!("history/{prompt_id}"), |h| h.get(prompt_id).is_some()).await;
+    let done = poll(&sim, &format!("history/{prompt_id}"), |h| {
+        h.get(prompt_id).is_some()
+    })
+    .await;
     assert_eq!(done[prompt_id]["status"]["status_str"], "success");
     sim.stop().await;
 }
 
 #[actix_rt::test]
 async fn previews_are_large_binary_frames() {
-    let sim = start(ComfySimConfig { preview_bytes: 100_000, ..fast() }).await;
+    let sim = start(ComfySimConfig {
+        preview_bytes: 100_000,
+        ..fast()
+    })
+    .await;
     let mut plain = connect(&sim, "plain").await;
     text(&mut plain).await;
-    post_prompt(&sim, json!({"prompt": sampler_graph(2), "client_id": "plain"})).await;
+    post_prompt(
+        &sim,
+        json!({"prompt": sampler_graph(2), "client_id": "plain"}),
+    )
+    .await;
     let mut frames = Vec::new();
     let mut order = Vec::new();
     loop {
@@ -412,12 +548,19 @@ async fn previews_are_large_binary_frames() {
         assert_eq!(&frame[8..16], b"\x89PNG\r\n\x1a\n");
     }
     let at = order.iter().position(|s| s == "binary").unwrap();
-    assert_eq!(order[at - 1], "progress(5)", "plain clients get progress then the preview");
+    assert_eq!(
+        order[at - 1],
+        "progress(5)",
+        "plain clients get progress then the preview"
+    );
 
     let mut flagged = connect(&sim, "flags").await;
     text(&mut flagged).await;
     let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}});
-    flagged.send(awc::ws::Message::Text(flags.to_string().into())).await.unwrap();
+    flagged
+        .send(awc::ws::Message::Text(flags.to_string().into()))
+        .await
+        .unwrap();
     assert_eq!(text(&mut flagged).await["type"], "feature_flags");
     let mut graph = sampler_graph(2);
     graph["5"]["inputs"]["seed"] = json!(8);
@@ -446,12 +589,22 @@ async fn reruns_are_cached() {
     until_done(&mut socket).await;
     post_prompt(&sim, body).await;
     let expected = [
-        "status(q=1)", "status(q=1)", "execution_start", "execution_cached(['1', '2', '3'])",
-        "executed(3)", "progress_state(3:finished)", "execution_success", "status(q=0)",
+        "status(q=1)",
+        "status(q=1)",
+        "execution_start",
+        "execution_cached(['1', '2', '3'])",
+        "executed(3)",
+        "progress_state(3:finished)",
+        "execution_success",
+        "status(q=0)",
         "executing(None)",
     ];
     assert_eq!(until_done(&mut socket).await, expected);
-    post_prompt(&sim, json!({"prompt": basic_graph("rec_d2", 0x123456), "client_id": "main"})).await;
+    post_prompt(
+        &sim,
+        json!({"prompt": basic_graph("rec_d2", 0x123456), "client_id": "main"}),
+    )
+    .await;
     let partial = until_done(&mut socket).await;
     assert_eq!(partial[3], "execution_cached(['1', '2'])");
     assert_eq!(partial[4], "progress_state(3:running)");
@@ -460,11 +613,18 @@ async fn reruns_are_cached() {
 
 #[actix_rt::test]
 async fn interrupt_lands_at_the_next_node() {
-    let sim = start(ComfySimConfig { step_ms: 30, ..fast() }).await;
+    let sim = start(ComfySimConfig {
+        step_ms: 30,
+        ..fast()
+    })
+    .await;
     let mut socket = connect(&sim, "main").await;
     text(&mut socket).await;
-    let (_, answer) =
-        post_prompt(&sim, json!({"prompt": basic_graph("rec_e", 1), "client_id": "main"})).await;
+    let (_, answer) = post_prompt(
+        &sim,
+        json!({"prompt": basic_graph("rec_e", 1), "client_id": "main"}),
+    )
+    .await;
     loop {
         let message = text(&mut socket).await;
         if summarize(&message) == "executing(1)" {
@@ -472,13 +632,22 @@ async fn interrupt_lands_at_the_next_node() {
         }
     }
     let url = sim.url().join("interrupt").unwrap();
-    http().post(url).json(&json!({"prompt_id": answer["prompt_id"]})).send().await.unwrap();
+    http()
+        .post(url)
+        .json(&json!({"prompt_id": answer["prompt_id"]}))
+        .send()
+        .await
+        .unwrap();
     let rest = until_done(&mut socket).await;
     assert_eq!(
         rest,
         [
-            "progress_state(1:finished)", "progress_state(1:finished,2:running)", "executing(2)",
-            "execution_interrupted", "status(q=0)", "executing(None)",
+            "progress_state(1:finished)",
+            "progress_state(1:finished,2:running)",
+            "executing(2)",
+            "execution_interrupted",
+            "status(q=0)",
+            "executing(None)",
         ]
     );
     let id = answer["prompt_id"].as_str().unwrap();
@@ -492,8 +661,15 @@ async fn switches_inject_failures() {
     let sim = start(fast()).await;
     let mut socket = connect(&sim, "main").await;
     text(&mut socket).await;
-    sim.control(ComfyControl { oom_next: Some(1), ..ComfyControl::default() });
-    post_prompt(&sim, json!({"prompt": sampler_graph(2), "client_id": "main"})).await;
+    sim.control(ComfyControl {
+        oom_next: Some(1),
+        ..ComfyControl::default()
+    });
+    post_prompt(
+        &sim,
+        json!({"prompt": sampler_graph(2), "client_id": "main"}),
+    )
+    .await;
     let error = loop {
         let message = text(&mut socket).await;
         if message["type"] == "execution_error" {
@@ -502,16 +678,36 @@ async fn switches_inject_failures() {
     };
     assert_eq!(error["data"]["exception_type"], "torch.OutOfMemoryError");
     assert_eq!(error["data"]["node_id"], "5");
-    assert!(error["data"]["exception_message"].as_str().unwrap().contains("Allocation on device"));
+    assert!(error["data"]["exception_message"]
+        .as_str()
+        .unwrap()
+        .contains("Allocation on device"));
 
     let url = sim.url().join("sim/control").unwrap();
-    let stats: Value =
-        http().post(url).json(&json!({"restart": true})).send().await.unwrap().json().await.unwrap();
+    let stats: Value = http()
+        .post(url)
+        .json(&json!({"restart": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stats["prompts_received"], 1);
-    assert_eq!(get_json(&sim, "history").await, json!({}), "a restart forgets history");
+    assert_eq!(
+        get_json(&sim, "history").await,
+        json!({}),
+        "a restart forgets history"
+    );
 
-    sim.control(ComfyControl { refuse_ws: Some(true), ..ComfyControl::default() });
-    let refused = awc::Client::new().ws(format!("ws://{}/ws", sim.addr())).connect().await;
+    sim.control(ComfyControl {
+        refuse_ws: Some(true),
+        ..ComfyControl::default()
+    });
+    let refused = awc::Client::new()
+        .ws(format!("ws://{}/ws", sim.addr()))
+        .connect()
+        .await;
     assert!(refused.is_err());
     sim.stop().await;
 }
@@ -520,7 +716,12 @@ async fn switches_inject_failures() {
 async fn foreign_origins_are_refused() {
     let sim = start(fast()).await;
     let url = sim.url().join("api/system_stats").unwrap();
-    let foreign = http().get(url.clone()).header("origin", "http://evil.example").send().await.unwrap();
+    let foreign = http()
+        .get(url.clone())
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(foreign.status(), 403);
     let same = format!("http://{}", sim.addr());
     let ok = http().get(url).header("origin", same).send().await.unwrap();

@@ -19,12 +19,19 @@ pub(crate) struct Files {
 
 impl Files {
     pub fn create() -> io::Result<Files> {
-        let root = tempfile::Builder::new().prefix("multiplex-comfy-sim").tempdir()?;
+        let root = tempfile::Builder::new()
+            .prefix("multiplex-comfy-sim")
+            .tempdir()?;
         let [input, output, temp] = ["input", "output", "temp"].map(|d| root.path().join(d));
         for dir in [&input, &output, &temp] {
             std::fs::create_dir_all(dir)?;
         }
-        Ok(Files { _root: root, input, output, temp })
+        Ok(Files {
+            _root: root,
+            input,
+            output,
+            temp,
+        })
     }
 
     /// The folder behind a `type` parameter (`input`, `output`, `temp`).
@@ -52,7 +59,10 @@ impl Files {
 
     /// Resolves LoadImage's `image` value to a path.
     pub fn input_path(&self, annotated: &str) -> Option<PathBuf> {
-        let (name, kind) = match annotated.strip_suffix(']').and_then(|s| s.rsplit_once(" [")) {
+        let (name, kind) = match annotated
+            .strip_suffix(']')
+            .and_then(|s| s.rsplit_once(" ["))
+        {
             Some((name, kind)) => (name, kind),
             None => (annotated, "input"),
         };
@@ -105,7 +115,13 @@ impl Files {
         let folder = safe_join(self.folder(kind)?, Path::new(&subfolder))?;
         std::fs::create_dir_all(&folder).ok()?;
         let counter = highest_counter(&folder, &stem) + 1;
-        Some(SavePath { subfolder, stem, folder, counter, ext: ext.to_owned() })
+        Some(SavePath {
+            subfolder,
+            stem,
+            folder,
+            counter,
+            ext: ext.to_owned(),
+        })
     }
 }
 
@@ -129,7 +145,9 @@ impl SavePath {
 }
 
 fn highest_counter(folder: &Path, stem: &str) -> u32 {
-    let Ok(entries) = std::fs::read_dir(folder) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return 0;
+    };
     entries
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -166,7 +184,9 @@ fn safe_join(base: &Path, relative: &Path) -> Option<PathBuf> {
 }
 
 fn collect(base: &Path, dir: &Path, found: &mut Vec<String>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         if path.is_dir() {
@@ -184,12 +204,23 @@ mod tests {
     #[test]
     fn uploads_dedup_and_rename() {
         let files = Files::create().unwrap();
-        let first = files.store_upload("input", "", "a.png", b"one", false).unwrap().unwrap();
-        let same = files.store_upload("input", "", "a.png", b"one", false).unwrap().unwrap();
-        let other = files.store_upload("input", "", "a.png", b"two", false).unwrap().unwrap();
+        let first = files
+            .store_upload("input", "", "a.png", b"one", false)
+            .unwrap()
+            .unwrap();
+        let same = files
+            .store_upload("input", "", "a.png", b"one", false)
+            .unwrap()
+            .unwrap();
+        let other = files
+            .store_upload("input", "", "a.png", b"two", false)
+            .unwrap()
+            .unwrap();
         assert_eq!((first.as_str(), same.as_str()), ("a.png", "a.png"));
         assert_eq!(other, "a (1).png");
-        assert!(files.store_upload("input", "../x", "a.png", b"", false).is_none());
+        assert!(files
+            .store_upload("input", "../x", "a.png", b"", false)
+            .is_none());
     }
 
     #[test]

@@ -55,7 +55,10 @@ pub(crate) struct NodeFailure {
 
 impl NodeFailure {
     pub fn runtime(message: impl Into<String>) -> NodeFailure {
-        NodeFailure { exception_type: "RuntimeError".into(), message: message.into() }
+        NodeFailure {
+            exception_type: "RuntimeError".into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -139,8 +142,17 @@ pub(crate) struct SaveContext<'a> {
 }
 
 /// Runs node `class` on `args`.
-pub(crate) fn evaluate(class: &str, args: &Args<'_>, save: &SaveContext<'_>) -> Result<Produced, NodeFailure> {
-    let one = |out: Out| Ok(Produced { outputs: vec![out], ui: None });
+pub(crate) fn evaluate(
+    class: &str,
+    args: &Args<'_>,
+    save: &SaveContext<'_>,
+) -> Result<Produced, NodeFailure> {
+    let one = |out: Out| {
+        Ok(Produced {
+            outputs: vec![out],
+            ui: None,
+        })
+    };
     match class {
         "EmptyImage" => one(empty_image(args)),
         "ImageInvert" => one(Out::Image(Arc::new(media::invert(&*args.image("image")?)))),
@@ -148,22 +160,32 @@ pub(crate) fn evaluate(class: &str, args: &Args<'_>, save: &SaveContext<'_>) -> 
         "ImageScale" => one(Out::Image(Arc::new(scale(args)?))),
         "ImageBlur" => {
             let passes = (args.int("blur_radius", 1) as u32).div_ceil(10);
-            one(Out::Image(Arc::new(media::blur(&*args.image("image")?, passes))))
+            one(Out::Image(Arc::new(media::blur(
+                &*args.image("image")?,
+                passes,
+            ))))
         }
         "ImageBatch" => one(Out::Image(Arc::new(batch(args)?))),
         "JoinImageWithAlpha" => one(Out::Image(Arc::new(join_alpha(args)?))),
         "SolidMask" => one(Out::Mask(args.float("value", 1.0) as f32)),
-        "CheckpointLoaderSimple" => {
-            Ok(Produced { outputs: vec![Out::Model, Out::Clip, Out::Vae], ui: None })
-        }
+        "CheckpointLoaderSimple" => Ok(Produced {
+            outputs: vec![Out::Model, Out::Clip, Out::Vae],
+            ui: None,
+        }),
         "UNETLoader" => one(Out::Model),
         "DualCLIPLoader" | "CLIPLoader" => one(Out::Clip),
         "CLIPVisionLoader" => one(Out::ClipVision),
         "VAELoader" => one(Out::Vae),
         "CLIPVisionEncode" => one(Out::ClipVisionOutput),
         "CLIPTextEncode" => one(Out::Conditioning(Arc::new(args.text("text")))),
-        "FluxGuidance" => one(Out::Conditioning(Arc::new(args.conditioning("conditioning")))),
-        "ModelSamplingSD3" => one(args.links.get("model").cloned().ok_or_else(|| missing("model"))?),
+        "FluxGuidance" => one(Out::Conditioning(Arc::new(
+            args.conditioning("conditioning"),
+        ))),
+        "ModelSamplingSD3" => one(args
+            .links
+            .get("model")
+            .cloned()
+            .ok_or_else(|| missing("model"))?),
         "EmptyLatentImage" | "EmptySD3LatentImage" => one(empty_latent(args)),
         "KSampler" => one(Out::Latent(Arc::new(sample(args, "seed")?))),
         "KSamplerAdvanced" => one(Out::Latent(Arc::new(sample(args, "noise_seed")?))),
@@ -171,14 +193,22 @@ pub(crate) fn evaluate(class: &str, args: &Args<'_>, save: &SaveContext<'_>) -> 
         "VAEDecode" => one(Out::Image(Arc::new(decode(&*args.latent("samples")?)))),
         "SaveImage" => save_images(args, save, "output", "filename_prefix"),
         "PreviewImage" => save_images(args, save, "temp", ""),
-        "SaveImageWebsocket" => Ok(Produced { outputs: Vec::new(), ui: None }),
+        "SaveImageWebsocket" => Ok(Produced {
+            outputs: Vec::new(),
+            ui: None,
+        }),
         "SaveAnimatedPNG" | "SaveAnimatedWEBP" => save_animation(class, args, save),
-        other => Err(NodeFailure::runtime(format!("simulator cannot run {other}"))),
+        other => Err(NodeFailure::runtime(format!(
+            "simulator cannot run {other}"
+        ))),
     }
 }
 
 fn empty_image(args: &Args<'_>) -> Out {
-    let (w, h) = clamp_size(args.int("width", 512) as u32, args.int("height", 512) as u32);
+    let (w, h) = clamp_size(
+        args.int("width", 512) as u32,
+        args.int("height", 512) as u32,
+    );
     let color = args.int("color", 0) as u32;
     let rgb = [(color >> 16) as u8, (color >> 8) as u8, color as u8];
     let count = args.int("batch_size", 1).clamp(1, 64) as usize;
@@ -191,7 +221,9 @@ fn load_image(args: &Args<'_>, files: &Files) -> Result<Produced, NodeFailure> {
         exception_type: "PIL.UnidentifiedImageError".into(),
         message: format!("cannot identify image file '{name}': {detail}"),
     };
-    let path = files.input_path(&name).ok_or_else(|| unreadable("bad path".into()))?;
+    let path = files
+        .input_path(&name)
+        .ok_or_else(|| unreadable("bad path".into()))?;
     let bytes = std::fs::read(&path).map_err(|e| unreadable(e.to_string()))?;
     let mut image = media::decode_png(&bytes).map_err(|e| unreadable(e.to_string()))?;
     let alpha = image.channels == 4;
@@ -200,7 +232,10 @@ fn load_image(args: &Args<'_>, files: &Files) -> Result<Produced, NodeFailure> {
         image.channels = 3;
     }
     let mask = Out::Mask(0.0);
-    Ok(Produced { outputs: vec![Out::Image(Arc::new(image)), mask], ui: None })
+    Ok(Produced {
+        outputs: vec![Out::Image(Arc::new(image)), mask],
+        ui: None,
+    })
 }
 
 fn strip_alpha(frame: &[u8]) -> Vec<u8> {
@@ -209,7 +244,10 @@ fn strip_alpha(frame: &[u8]) -> Vec<u8> {
 
 fn scale(args: &Args<'_>) -> Result<Image, NodeFailure> {
     let image = args.image("image")?;
-    let (mut w, mut h) = (args.int("width", 512) as u32, args.int("height", 512) as u32);
+    let (mut w, mut h) = (
+        args.int("width", 512) as u32,
+        args.int("height", 512) as u32,
+    );
     if w == 0 && h == 0 {
         return Ok((*image).clone());
     }
@@ -252,13 +290,24 @@ fn join_alpha(args: &Args<'_>) -> Result<Image, NodeFailure> {
     let frames = image
         .frames
         .iter()
-        .map(|f| f.chunks(channels).flat_map(|p| [p[0], p[1], p[2], alpha]).collect())
+        .map(|f| {
+            f.chunks(channels)
+                .flat_map(|p| [p[0], p[1], p[2], alpha])
+                .collect()
+        })
         .collect();
-    Ok(Image { channels: 4, frames, ..(*image).clone() })
+    Ok(Image {
+        channels: 4,
+        frames,
+        ..(*image).clone()
+    })
 }
 
 fn empty_latent(args: &Args<'_>) -> Out {
-    let (width, height) = clamp_size(args.int("width", 512) as u32, args.int("height", 512) as u32);
+    let (width, height) = clamp_size(
+        args.int("width", 512) as u32,
+        args.int("height", 512) as u32,
+    );
     Out::Latent(Arc::new(Latent {
         width,
         height,
@@ -273,12 +322,23 @@ fn empty_latent(args: &Args<'_>) -> Out {
 fn sample(args: &Args<'_>, seed: &str) -> Result<Latent, NodeFailure> {
     let latent = args.latent("latent_image")?;
     let positive = args.conditioning("positive");
-    let text = if positive.is_empty() { latent.text.clone() } else { positive };
-    Ok(Latent { text, seed: args.seed(seed), ..(*latent).clone() })
+    let text = if positive.is_empty() {
+        latent.text.clone()
+    } else {
+        positive
+    };
+    Ok(Latent {
+        text,
+        seed: args.seed(seed),
+        ..(*latent).clone()
+    })
 }
 
 fn wan_image_to_video(args: &Args<'_>) -> Result<Produced, NodeFailure> {
-    let (width, height) = clamp_size(args.int("width", 832) as u32, args.int("height", 480) as u32);
+    let (width, height) = clamp_size(
+        args.int("width", 832) as u32,
+        args.int("height", 480) as u32,
+    );
     let start = match args.links.get("start_image") {
         Some(Out::Image(image)) => Some(image.clone()),
         _ => None,
@@ -294,7 +354,10 @@ fn wan_image_to_video(args: &Args<'_>) -> Result<Produced, NodeFailure> {
     };
     let positive = Out::Conditioning(Arc::new(args.conditioning("positive")));
     let negative = Out::Conditioning(Arc::new(args.conditioning("negative")));
-    Ok(Produced { outputs: vec![positive, negative, Out::Latent(Arc::new(latent))], ui: None })
+    Ok(Produced {
+        outputs: vec![positive, negative, Out::Latent(Arc::new(latent))],
+        ui: None,
+    })
 }
 
 /// Draws the decoded picture: from the start image for video, else from
@@ -306,15 +369,28 @@ fn decode(latent: &Latent) -> Image {
             width: latent.width,
             height: latent.height,
             channels: 3,
-            frames: vec![media::pattern(latent.width, latent.height, &latent.text, latent.seed)],
+            frames: vec![media::pattern(
+                latent.width,
+                latent.height,
+                &latent.text,
+                latent.seed,
+            )],
         },
     };
-    let mut out = Image { frames: Vec::new(), ..still.clone() };
+    let mut out = Image {
+        frames: Vec::new(),
+        ..still.clone()
+    };
     for item in 0..latent.batch {
         let mut variant = still.clone();
         if item > 0 {
             let seed = latent.seed.wrapping_add(item as u64);
-            variant.frames = vec![media::pattern(latent.width, latent.height, &latent.text, seed)];
+            variant.frames = vec![media::pattern(
+                latent.width,
+                latent.height,
+                &latent.text,
+                seed,
+            )];
         }
         let frames = if latent.frames > 1 {
             media::tint_frames(&variant, latent.frames)
@@ -327,7 +403,10 @@ fn decode(latent: &Latent) -> Image {
 }
 
 fn write_failure(error: impl std::fmt::Display) -> NodeFailure {
-    NodeFailure { exception_type: "OSError".into(), message: error.to_string() }
+    NodeFailure {
+        exception_type: "OSError".into(),
+        message: error.to_string(),
+    }
 }
 
 fn save_images(
@@ -354,10 +433,17 @@ fn save_images(
         std::fs::write(&path, bytes).map_err(write_failure)?;
         results.push(json!({"filename": name, "subfolder": target.subfolder, "type": kind}));
     }
-    Ok(Produced { outputs: Vec::new(), ui: Some(json!({"images": results})) })
+    Ok(Produced {
+        outputs: Vec::new(),
+        ui: Some(json!({"images": results})),
+    })
 }
 
-fn save_animation(class: &str, args: &Args<'_>, save: &SaveContext<'_>) -> Result<Produced, NodeFailure> {
+fn save_animation(
+    class: &str,
+    args: &Args<'_>,
+    save: &SaveContext<'_>,
+) -> Result<Produced, NodeFailure> {
     let image = args.image("images")?;
     let fps = args.float("fps", 6.0);
     let webp = class == "SaveAnimatedWEBP";
@@ -376,5 +462,8 @@ fn save_animation(class: &str, args: &Args<'_>, save: &SaveContext<'_>) -> Resul
     let (name, path) = target.claim();
     std::fs::write(&path, bytes).map_err(write_failure)?;
     let entry = json!({"filename": name, "subfolder": target.subfolder, "type": "output"});
-    Ok(Produced { outputs: Vec::new(), ui: Some(json!({"images": [entry], "animated": [true]})) })
+    Ok(Produced {
+        outputs: Vec::new(),
+        ui: Some(json!({"images": [entry], "animated": [true]})),
+    })
 }

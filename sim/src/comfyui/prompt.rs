@@ -82,7 +82,12 @@ impl Rejection {
     }
 
     pub fn no_prompt() -> Rejection {
-        Rejection::new("no_prompt", "No prompt provided", "No prompt provided", json!({}))
+        Rejection::new(
+            "no_prompt",
+            "No prompt provided",
+            "No prompt provided",
+            json!({}),
+        )
     }
 
     pub fn invalid(message: &str, details: &str) -> Rejection {
@@ -169,9 +174,17 @@ impl Checker<'_> {
         if good.is_empty() {
             let message = "Prompt outputs failed validation";
             let kind = "prompt_outputs_failed_validation";
-            return Err(Rejection::new(kind, message, "", Value::Object(node_errors)));
+            return Err(Rejection::new(
+                kind,
+                message,
+                "",
+                Value::Object(node_errors),
+            ));
         }
-        Ok(Accepted { outputs: good, node_errors: Value::Object(node_errors) })
+        Ok(Accepted {
+            outputs: good,
+            node_errors: Value::Object(node_errors),
+        })
     }
 
     fn validate_node(
@@ -190,9 +203,15 @@ impl Checker<'_> {
         let inputs = graph.inputs(id).unwrap_or(&empty);
         let mut errors = Vec::new();
         let mut valid = true;
-        let names = class.required.iter().chain(&class.optional).map(|(n, _)| *n);
+        let names = class
+            .required
+            .iter()
+            .chain(&class.optional)
+            .map(|(n, _)| *n);
         for name in names.collect::<Vec<_>>() {
-            let Some((spec, required)) = class.input(name, self.combos) else { continue };
+            let Some((spec, required)) = class.input(name, self.combos) else {
+                continue;
+            };
             let Some(value) = inputs.get(name) else {
                 if required {
                     errors.push(missing_input(name));
@@ -242,7 +261,8 @@ impl Checker<'_> {
             .unwrap_or("*");
         let expected = spec.get(0).and_then(Value::as_str).unwrap_or("*");
         if received != expected && expected != "*" && received != "*" {
-            let details = format!("{name}, received_type({received}) mismatch input_type({expected})");
+            let details =
+                format!("{name}, received_type({received}) mismatch input_type({expected})");
             return Ok(Check::Error(error(
                 "return_type_mismatch",
                 "Return type mismatch between linked nodes",
@@ -275,7 +295,10 @@ impl Checker<'_> {
     }
 
     fn check_input_file(&self, name: &str, value: &Value) -> Check {
-        let file = value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+        let file = value
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| value.to_string());
         if (self.input_exists)(&file) {
             return Check::Ok;
         }
@@ -437,7 +460,10 @@ fn check_number(name: &str, spec: &Value, value: &Value, integer: bool) -> Check
     if let Some(min) = bound("min").filter(|min| number < *min) {
         return Check::Error(error(
             "value_smaller_than_min",
-            &format!("Value {shown} smaller than min of {}", py_number(min, integer)),
+            &format!(
+                "Value {shown} smaller than min of {}",
+                py_number(min, integer)
+            ),
             name,
             json!({"input_name": name, "input_config": config(spec), "received_value": value}),
         ));
@@ -445,7 +471,10 @@ fn check_number(name: &str, spec: &Value, value: &Value, integer: bool) -> Check
     if let Some(max) = bound("max").filter(|max| number > *max) {
         return Check::Error(error(
             "value_bigger_than_max",
-            &format!("Value {shown} bigger than max of {}", py_number(max, integer)),
+            &format!(
+                "Value {shown} bigger than max of {}",
+                py_number(max, integer)
+            ),
             name,
             json!({"input_name": name, "input_config": config(spec), "received_value": value}),
         ));

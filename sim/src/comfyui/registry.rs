@@ -63,8 +63,10 @@ impl ClassDef {
     /// This class's `/object_info` entry.
     pub fn info(&self, src: &ComboSource<'_>) -> Value {
         let section = |inputs: &[(&'static str, Spec)]| {
-            let map: Map<String, Value> =
-                inputs.iter().map(|(n, s)| ((*n).to_owned(), resolve(s, src))).collect();
+            let map: Map<String, Value> = inputs
+                .iter()
+                .map(|(n, s)| ((*n).to_owned(), resolve(s, src)))
+                .collect();
             Value::Object(map)
         };
         let names = |inputs: &[(&'static str, Spec)]| -> Vec<&str> {
@@ -94,7 +96,8 @@ impl ClassDef {
             "output_node": self.output_node,
         });
         if self.v3 {
-            info["output_tooltips"] = json!(self.outputs.iter().map(|_| Value::Null).collect::<Vec<_>>());
+            info["output_tooltips"] =
+                json!(self.outputs.iter().map(|_| Value::Null).collect::<Vec<_>>());
             info["deprecated"] = json!(false);
             info["experimental"] = json!(false);
             info["api_node"] = json!(false);
@@ -144,17 +147,53 @@ pub(crate) fn canonical_folder(folder: &str) -> &str {
 }
 
 const SAMPLERS: &[&str] = &[
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2",
-    "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
-    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp",
-    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
-    "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation",
-    "er_sde", "seeds_2", "seeds_3", "ddim", "uni_pc", "uni_pc_bh2",
+    "euler",
+    "euler_cfg_pp",
+    "euler_ancestral",
+    "euler_ancestral_cfg_pp",
+    "heun",
+    "heunpp2",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpm_fast",
+    "dpm_adaptive",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde",
+    "dpmpp_sde_gpu",
+    "dpmpp_2m",
+    "dpmpp_2m_cfg_pp",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu",
+    "ddpm",
+    "lcm",
+    "ipndm",
+    "ipndm_v",
+    "deis",
+    "res_multistep",
+    "res_multistep_cfg_pp",
+    "gradient_estimation",
+    "er_sde",
+    "seeds_2",
+    "seeds_3",
+    "ddim",
+    "uni_pc",
+    "uni_pc_bh2",
 ];
 
 const SCHEDULERS: &[&str] = &[
-    "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
-    "linear_quadratic", "kl_optimal",
+    "simple",
+    "sgm_uniform",
+    "karras",
+    "exponential",
+    "ddim_uniform",
+    "beta",
+    "normal",
+    "linear_quadratic",
+    "kl_optimal",
 ];
 
 fn fixed(value: Value) -> Spec {
@@ -222,8 +261,11 @@ fn image_classes() -> Vec<ClassDef> {
                 ("width", size()),
                 ("height", size()),
                 ("batch_size", int(1, 1, 4096, None)),
-                ("color", fixed(json!(["INT", {"default": 0, "min": 0, "max": 16777215,
-                    "step": 1, "display": "color"}]))),
+                (
+                    "color",
+                    fixed(json!(["INT", {"default": 0, "min": 0, "max": 16777215,
+                    "step": 1, "display": "color"}])),
+                ),
             ],
             ..base("EmptyImage", "image")
         },
@@ -244,8 +286,10 @@ fn image_classes() -> Vec<ClassDef> {
             outputs: vec![("IMAGE", "IMAGE")],
             required: vec![
                 ("image", link("IMAGE")),
-                ("upscale_method", combo(&["nearest-exact", "bilinear", "area", "bicubic",
-                    "lanczos"])),
+                (
+                    "upscale_method",
+                    combo(&["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]),
+                ),
                 ("width", int(512, 0, 16384, Some(1))),
                 ("height", int(512, 0, 16384, Some(1))),
                 ("crop", combo(&["disabled", "center"])),
@@ -303,7 +347,12 @@ fn loader(name: &'static str, input: &'static str, folder: &'static str) -> Clas
 }
 
 fn model_classes() -> Vec<ClassDef> {
-    let device = || ("device", fixed(json!([["default", "cpu"], {"advanced": true}])));
+    let device = || {
+        (
+            "device",
+            fixed(json!([["default", "cpu"], {"advanced": true}])),
+        )
+    };
     vec![
         ClassDef {
             display_name: Some("Load Checkpoint"),
@@ -315,7 +364,10 @@ fn model_classes() -> Vec<ClassDef> {
             outputs: vec![("MODEL", "MODEL")],
             required: vec![
                 ("unet_name", Spec::Models("diffusion_models")),
-                ("weight_dtype", combo(&["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"])),
+                (
+                    "weight_dtype",
+                    combo(&["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]),
+                ),
             ],
             category: "advanced/loaders",
             ..loader("UNETLoader", "unet_name", "diffusion_models")
@@ -325,7 +377,10 @@ fn model_classes() -> Vec<ClassDef> {
             required: vec![
                 ("clip_name1", Spec::Models("text_encoders")),
                 ("clip_name2", Spec::Models("text_encoders")),
-                ("type", combo(&["sdxl", "sd3", "flux", "hunyuan_video", "hidream"])),
+                (
+                    "type",
+                    combo(&["sdxl", "sd3", "flux", "hunyuan_video", "hidream"]),
+                ),
             ],
             optional: vec![device()],
             category: "advanced/loaders",
@@ -336,9 +391,27 @@ fn model_classes() -> Vec<ClassDef> {
             outputs: vec![("CLIP", "CLIP")],
             required: vec![
                 ("clip_name", Spec::Models("text_encoders")),
-                ("type", combo(&["stable_diffusion", "stable_cascade", "sd3", "stable_audio",
-                    "mochi", "ltxv", "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma",
-                    "ace", "omnigen2", "qwen_image", "hunyuan_image"])),
+                (
+                    "type",
+                    combo(&[
+                        "stable_diffusion",
+                        "stable_cascade",
+                        "sd3",
+                        "stable_audio",
+                        "mochi",
+                        "ltxv",
+                        "pixart",
+                        "cosmos",
+                        "lumina2",
+                        "wan",
+                        "hidream",
+                        "chroma",
+                        "ace",
+                        "omnigen2",
+                        "qwen_image",
+                        "hunyuan_image",
+                    ]),
+                ),
             ],
             optional: vec![device()],
             category: "advanced/loaders",
@@ -368,10 +441,16 @@ fn model_classes() -> Vec<ClassDef> {
             display_name: Some("CLIP Text Encode (Prompt)"),
             outputs: vec![("CONDITIONING", "CONDITIONING")],
             required: vec![
-                ("text", fixed(json!(["STRING", {"multiline": true, "dynamicPrompts": true,
-                    "tooltip": "The text to be encoded."}]))),
-                ("clip", fixed(json!(["CLIP", {"tooltip":
-                    "The CLIP model used for encoding the text."}]))),
+                (
+                    "text",
+                    fixed(json!(["STRING", {"multiline": true, "dynamicPrompts": true,
+                    "tooltip": "The text to be encoded."}])),
+                ),
+                (
+                    "clip",
+                    fixed(json!(["CLIP", {"tooltip":
+                    "The CLIP model used for encoding the text."}])),
+                ),
             ],
             ..base("CLIPTextEncode", "conditioning")
         },
@@ -387,7 +466,10 @@ fn model_classes() -> Vec<ClassDef> {
         ClassDef {
             python_module: "comfy_extras.nodes_model_advanced",
             outputs: vec![("MODEL", "MODEL")],
-            required: vec![("model", link("MODEL")), ("shift", float(3.0, 0.0, 100.0, 0.01))],
+            required: vec![
+                ("model", link("MODEL")),
+                ("shift", float(3.0, 0.0, 100.0, 0.01)),
+            ],
             ..base("ModelSamplingSD3", "advanced/model")
         },
     ]
@@ -396,8 +478,12 @@ fn model_classes() -> Vec<ClassDef> {
 fn sampling_classes() -> Vec<ClassDef> {
     let seed = || int(0, 0, u64::MAX, None);
     let steps = || int(20, 1, 10000, None);
-    let cfg = || fixed(json!(["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
-        "round": 0.01}]));
+    let cfg = || {
+        fixed(
+            json!(["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
+        "round": 0.01}]),
+        )
+    };
     let latent_size = |default: i64, step: i64| int(default, 16, 16384, Some(step));
     vec![
         ClassDef {
@@ -488,13 +574,20 @@ fn sampling_classes() -> Vec<ClassDef> {
 }
 
 fn saving_classes() -> Vec<ClassDef> {
-    let output = |name| ClassDef { output_node: true, hidden_prompt: true, ..base(name, "image") };
+    let output = |name| ClassDef {
+        output_node: true,
+        hidden_prompt: true,
+        ..base(name, "image")
+    };
     vec![
         ClassDef {
             display_name: Some("Save Image"),
             description: "Saves the input images to your ComfyUI output directory.",
             required: vec![
-                ("images", fixed(json!(["IMAGE", {"tooltip": "The images to save."}]))),
+                (
+                    "images",
+                    fixed(json!(["IMAGE", {"tooltip": "The images to save."}])),
+                ),
                 ("filename_prefix", prefix()),
             ],
             ..output("SaveImage")
@@ -515,7 +608,10 @@ fn saving_classes() -> Vec<ClassDef> {
         ClassDef {
             required: vec![
                 ("images", link("IMAGE")),
-                ("filename_prefix", fixed(json!(["STRING", {"default": "ComfyUI"}]))),
+                (
+                    "filename_prefix",
+                    fixed(json!(["STRING", {"default": "ComfyUI"}])),
+                ),
                 ("fps", float(6.0, 0.01, 1000.0, 0.01)),
                 ("compress_level", int(4, 0, 9, None)),
             ],
@@ -525,7 +621,10 @@ fn saving_classes() -> Vec<ClassDef> {
         ClassDef {
             required: vec![
                 ("images", link("IMAGE")),
-                ("filename_prefix", fixed(json!(["STRING", {"default": "ComfyUI"}]))),
+                (
+                    "filename_prefix",
+                    fixed(json!(["STRING", {"default": "ComfyUI"}])),
+                ),
                 ("fps", float(6.0, 0.01, 1000.0, 0.01)),
                 ("lossless", fixed(json!(["BOOLEAN", {"default": true}]))),
                 ("quality", int(80, 0, 100, None)),

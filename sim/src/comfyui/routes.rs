@@ -39,7 +39,10 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/system_stats", web::get().to(system_stats))
         .route("/features", web::get().to(features))
-        .route("/embeddings", web::get().to(|| async { json_ok(json!([])) }))
+        .route(
+            "/embeddings",
+            web::get().to(|| async { json_ok(json!([])) }),
+        )
         .route("/prompt", web::get().to(prompt_info))
         .route("/prompt", web::post().to(submit))
         .route("/queue", web::get().to(queue))
@@ -52,7 +55,10 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/upload/image", web::post().to(upload))
         .route("/object_info", web::get().to(object_info))
         .route("/object_info/{class}", web::get().to(object_info_class))
-        .route("/models", web::get().to(|| async { json_ok(json!(model_folders())) }))
+        .route(
+            "/models",
+            web::get().to(|| async { json_ok(json!(model_folders())) }),
+        )
         .route("/models/{folder}", web::get().to(models))
         .route("/ws", web::get().to(websocket))
         .route("/sim/control", web::post().to(control))
@@ -61,7 +67,9 @@ fn routes(cfg: &mut web::ServiceConfig) {
 
 /// aiohttp's JSON content type.
 fn json_ok(value: Value) -> HttpResponse {
-    HttpResponse::Ok().content_type("application/json; charset=utf-8").body(value.to_string())
+    HttpResponse::Ok()
+        .content_type("application/json; charset=utf-8")
+        .body(value.to_string())
 }
 
 async fn system_stats(data: Data) -> HttpResponse {
@@ -102,7 +110,9 @@ fn server_trouble() -> HttpResponse {
 }
 
 async fn submit(data: Data, body: web::Bytes) -> HttpResponse {
-    data.counters.prompts_received.fetch_add(1, Ordering::Relaxed);
+    data.counters
+        .prompts_received
+        .fetch_add(1, Ordering::Relaxed);
     let Ok(Value::Object(raw)) = serde_json::from_slice::<Value>(&body) else {
         return server_trouble();
     };
@@ -142,7 +152,9 @@ fn accept(data: &Shared, request: PromptRequest, number: Value) -> HttpResponse 
         Ok(accepted) => accepted,
         Err(rejection) => return HttpResponse::BadRequest().json(rejection.0),
     };
-    let prompt_id = request.prompt_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let prompt_id = request
+        .prompt_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut extra_data = request.extra_data.unwrap_or_default();
     if let Some(client_id) = request.client_id {
         extra_data.insert("client_id".into(), json!(client_id));
@@ -197,9 +209,11 @@ async fn edit_queue(data: Data, body: web::Bytes) -> HttpResponse {
 }
 
 async fn interrupt(data: Data, body: web::Bytes) -> HttpResponse {
-    let target = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("prompt_id").and_then(Value::as_str).map(str::to_owned));
+    let target = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
+        v.get("prompt_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
     let mut state = data.state();
     let running = state.running.as_ref().map(|r| r.item.id.clone());
     let hits = match (&target, &running) {
@@ -220,7 +234,9 @@ struct HistoryQuery {
 
 async fn history(data: Data, query: web::Query<HistoryQuery>) -> HttpResponse {
     let state = data.state();
-    let skip = query.max_items.map_or(0, |max| state.history.len().saturating_sub(max));
+    let skip = query
+        .max_items
+        .map_or(0, |max| state.history.len().saturating_sub(max));
     let entries: Map<String, Value> = state.history.iter().skip(skip).cloned().collect();
     json_ok(Value::Object(entries))
 }
@@ -268,7 +284,9 @@ async fn view(data: Data, req: HttpRequest, query: web::Query<ViewQuery>) -> Htt
     let mut response = file.into_response(&req);
     let disposition = format!("filename=\"{filename}\"");
     if let Ok(value) = HeaderValue::from_str(&disposition) {
-        response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_DISPOSITION, value);
     }
     response
 }
@@ -286,7 +304,10 @@ async fn read_form(mut form: Multipart) -> Result<UploadForm, actix_web::Error> 
     let mut out = UploadForm::default();
     while let Some(mut field) = form.try_next().await? {
         let name = field.name().unwrap_or_default().to_owned();
-        let filename = field.content_disposition().and_then(|d| d.get_filename()).map(str::to_owned);
+        let filename = field
+            .content_disposition()
+            .and_then(|d| d.get_filename())
+            .map(str::to_owned);
         let mut bytes = Vec::new();
         while let Some(chunk) = field.try_next().await? {
             bytes.extend_from_slice(&chunk);
@@ -311,7 +332,9 @@ async fn upload(data: Data, form: Multipart) -> HttpResponse {
         return HttpResponse::BadRequest().finish();
     };
     let kind = form.kind.unwrap_or_else(|| "input".into());
-    let stored = data.files.store_upload(&kind, &form.subfolder, &filename, &bytes, form.overwrite);
+    let stored = data
+        .files
+        .store_upload(&kind, &form.subfolder, &filename, &bytes, form.overwrite);
     match stored {
         Some(Ok(name)) => json_ok(json!({"name": name, "subfolder": form.subfolder, "type": kind})),
         Some(Err(error)) => {
@@ -326,7 +349,10 @@ async fn object_info(data: Data) -> HttpResponse {
     let all = data.with_combos(|src| {
         let mut names: Vec<&&str> = data.classes.keys().collect();
         names.sort();
-        names.into_iter().map(|n| ((*n).to_owned(), data.classes[*n].info(src))).collect()
+        names
+            .into_iter()
+            .map(|n| ((*n).to_owned(), data.classes[*n].info(src)))
+            .collect()
     });
     json_ok(Value::Object(all))
 }

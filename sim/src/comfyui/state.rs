@@ -60,7 +60,13 @@ impl Queued {
 
     /// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
     pub fn entry(&self) -> Value {
-        json!([self.number, self.id, self.graph, self.extra_data, self.outputs])
+        json!([
+            self.number,
+            self.id,
+            self.graph,
+            self.extra_data,
+            self.outputs
+        ])
     }
 
     fn sort_key(&self) -> (f64, u64) {
@@ -116,7 +122,11 @@ impl State {
 
     pub fn sorted_pending(&self) -> Vec<Value> {
         let mut items: Vec<&Arc<Queued>> = self.pending.iter().collect();
-        items.sort_by(|a, b| a.sort_key().partial_cmp(&b.sort_key()).unwrap_or(std::cmp::Ordering::Equal));
+        items.sort_by(|a, b| {
+            a.sort_key()
+                .partial_cmp(&b.sort_key())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         items.iter().map(|q| q.entry()).collect()
     }
 
@@ -124,7 +134,11 @@ impl State {
     pub fn restart(&mut self) {
         let generation = self.generation + 1;
         let switches = std::mem::take(&mut self.switches);
-        *self = State { generation, switches, ..State::default() };
+        *self = State {
+            generation,
+            switches,
+            ..State::default()
+        };
     }
 }
 
@@ -149,8 +163,14 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn new(config: ComfySimConfig, files: Files) -> Shared {
-        let classes = registry::classes().into_iter().map(|c| (c.name, c)).collect();
-        let state = State { switches: config.switches.clone(), ..State::default() };
+        let classes = registry::classes()
+            .into_iter()
+            .map(|c| (c.name, c))
+            .collect();
+        let state = State {
+            switches: config.switches.clone(),
+            ..State::default()
+        };
         Shared {
             classes,
             files,
@@ -168,7 +188,10 @@ impl Shared {
     }
 
     pub fn config(&self) -> ComfySimConfig {
-        self.config.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn update_config(&self, change: impl FnOnce(&mut ComfySimConfig)) {
@@ -194,7 +217,10 @@ impl Shared {
     pub fn with_combos<R>(&self, f: impl FnOnce(&ComboSource<'_>) -> R) -> R {
         let input_files = self.files.input_files();
         let models = |folder: &str| self.models(folder);
-        f(&ComboSource { models: &models, input_files: &input_files })
+        f(&ComboSource {
+            models: &models,
+            input_files: &input_files,
+        })
     }
 
     /// Broadcasts the queue size to every socket.

@@ -40,12 +40,17 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             let generation = state.generation;
             state.take_next().map(|item| {
                 state.interrupt = false;
-                state.running = Some(Running { item: item.clone(), node: None });
+                state.running = Some(Running {
+                    item: item.clone(),
+                    node: None,
+                });
                 (item, generation)
             })
         };
         match next {
-            Some((item, generation)) => Execution::new(shared.clone(), item, generation).run().await,
+            Some((item, generation)) => {
+                Execution::new(shared.clone(), item, generation).run().await
+            }
             None => shared.wake.notified().await,
         }
     }
@@ -125,7 +130,10 @@ impl Execution {
         let prompt_id = self.item.id.clone();
         tracing::debug!(%prompt_id, "prompt started");
         self.shared.broadcast_status();
-        self.lifecycle("execution_start", json!({"prompt_id": prompt_id, "timestamp": now_ms()}));
+        self.lifecycle(
+            "execution_start",
+            json!({"prompt_id": prompt_id, "timestamp": now_ms()}),
+        );
         let order = execution_order(&self.item);
         let cached = self.cached_nodes(&order);
         let cached_ids: Vec<&String> = order.iter().filter(|id| cached.contains_key(*id)).collect();
@@ -135,22 +143,34 @@ impl Execution {
         self.finish(outcome);
     }
 
-    async fn run_nodes(&mut self, order: &[String], cached: &HashMap<String, Cached>) -> Result<(), Stop> {
+    async fn run_nodes(
+        &mut self,
+        order: &[String],
+        cached: &HashMap<String, Cached>,
+    ) -> Result<(), Stop> {
         let fail_at = self.failure_node(order, cached);
         for id in order {
             if let Some(hit) = cached.get(id) {
                 self.replay_cached(id, hit);
                 continue;
             }
-            self.run_node(id, fail_at.as_deref() == Some(id.as_str())).await?;
+            self.run_node(id, fail_at.as_deref() == Some(id.as_str()))
+                .await?;
         }
         Ok(())
     }
 
     async fn run_node(&mut self, id: &str, fail_here: bool) -> Result<(), Stop> {
-        let class = self.item.graph.class_type(id).unwrap_or_default().to_owned();
+        let class = self
+            .item
+            .graph
+            .class_type(id)
+            .unwrap_or_default()
+            .to_owned();
         self.set_progress(id, json!(0.0), json!(1.0), "running");
-        self.shared.state().running.as_mut().map(|r| r.node = Some(id.to_owned()));
+        if let Some(running) = self.shared.state().running.as_mut() {
+            running.node = Some(id.to_owned());
+        }
         let executing = json!({"node": id, "display_node": id, "prompt_id": self.item.id});
         self.send("executing", executing);
         if self.drop_socket {
@@ -165,9 +185,14 @@ impl Execution {
             return Err(Stop::Failed(id.to_owned(), self.injected_failure()));
         }
         self.spend_time(id, &class).await?;
-        let produced = self.evaluate(id, &class).map_err(|f| Stop::Failed(id.to_owned(), f))?;
+        let produced = self
+            .evaluate(id, &class)
+            .map_err(|f| Stop::Failed(id.to_owned(), f))?;
         let signature = self.signatures.get(id).cloned().unwrap_or_default();
-        let entry = Cached { outputs: produced.outputs.clone(), ui: produced.ui.clone() };
+        let entry = Cached {
+            outputs: produced.outputs.clone(),
+            ui: produced.ui.clone(),
+        };
         self.shared.state().cache.insert(signature, entry);
         self.results.insert(id.to_owned(), produced.outputs);
         if let Some(ui) = produced.ui {
@@ -226,9 +251,16 @@ impl Execution {
                 .collect();
             let fresh = {
                 let mut state = self.shared.state();
-                names.into_iter().filter(|n| state.loaded_models.insert(n.clone())).count()
+                names
+                    .into_iter()
+                    .filter(|n| state.loaded_models.insert(n.clone()))
+                    .count()
             };
-            let wait = if fresh > 0 { config.model_load_ms } else { config.step_ms };
+            let wait = if fresh > 0 {
+                config.model_load_ms
+            } else {
+                config.step_ms
+            };
             tokio::time::sleep(Duration::from_millis(wait)).await;
             return self.still_current();
         }
@@ -252,7 +284,11 @@ impl Execution {
 
     async fn sample(&mut self, id: &str, step_ms: u64, preview_bytes: usize) -> Result<(), Stop> {
         let inputs = self.item.graph.inputs(id).cloned().unwrap_or_default();
-        let steps = inputs.get("steps").and_then(Value::as_u64).unwrap_or(20).clamp(1, 10_000);
+        let steps = inputs
+            .get("steps")
+            .and_then(Value::as_u64)
+            .unwrap_or(20)
+            .clamp(1, 10_000);
         let preview = if preview_bytes > 0 {
             media::noise_png(preview_bytes, steps).ok().map(Bytes::from)
         } else {
@@ -271,13 +307,15 @@ impl Execution {
     /// clients that sent feature_flags (h_ws_binary).
     fn step_progress(&mut self, id: &str, value: u64, max: u64, preview: Option<&Bytes>) {
         self.set_progress(id, json!(value), json!(max), "running");
-        let progress =
-            json!({"value": value, "max": max, "prompt_id": self.item.id, "node": id});
+        let progress = json!({"value": value, "max": max, "prompt_id": self.item.id, "node": id});
         let Some(image) = preview else {
             self.send("progress", progress);
             return;
         };
-        let metadata = self.client.as_ref().is_some_and(|c| self.shared.hub.wants_metadata(c));
+        let metadata = self
+            .client
+            .as_ref()
+            .is_some_and(|c| self.shared.hub.wants_metadata(c));
         if metadata {
             self.send_binary(preview_with_metadata(id, &self.item.id, image));
             self.send("progress", progress);
@@ -292,7 +330,9 @@ impl Execution {
         let Some(image) = image else { return };
         let count = image.frames.len() as u64;
         for index in 0..image.frames.len() {
-            let Ok(png) = media::encode_png(&image, index, &[]) else { continue };
+            let Ok(png) = media::encode_png(&image, index, &[]) else {
+                continue;
+            };
             self.step_progress(id, index as u64, count, Some(&Bytes::from(png)));
         }
     }
@@ -312,8 +352,13 @@ impl Execution {
         let literals = self.item.graph.inputs(id).unwrap_or(&empty);
         let mut links = HashMap::new();
         for (name, value) in literals {
-            let Some(link) = value.as_array().filter(|a| a.len() == 2) else { continue };
-            let source = link[0].as_str().map(str::to_owned).unwrap_or_else(|| link[0].to_string());
+            let Some(link) = value.as_array().filter(|a| a.len() == 2) else {
+                continue;
+            };
+            let source = link[0]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| link[0].to_string());
             let slot = link[1].as_u64().unwrap_or_default() as usize;
             if let Some(out) = self.results.get(&source).and_then(|o| o.get(slot)) {
                 links.insert(name.clone(), out.clone());
@@ -378,8 +423,17 @@ impl Execution {
         if self.injected == Injected::None {
             return None;
         }
-        let runnable: Vec<&String> = order.iter().filter(|id| !cached.contains_key(*id)).collect();
-        let class = |id: &str| self.item.graph.class_type(id).unwrap_or_default().to_owned();
+        let runnable: Vec<&String> = order
+            .iter()
+            .filter(|id| !cached.contains_key(*id))
+            .collect();
+        let class = |id: &str| {
+            self.item
+                .graph
+                .class_type(id)
+                .unwrap_or_default()
+                .to_owned()
+        };
         runnable
             .iter()
             .find(|id| SAMPLERS.contains(&class(id).as_str()))
@@ -404,13 +458,20 @@ impl Execution {
         let prompt_id = self.item.id.clone();
         let stamp = now_ms();
         let (kind, data) = match outcome {
-            Ok(()) => ("execution_success", json!({"prompt_id": prompt_id, "timestamp": stamp})),
+            Ok(()) => (
+                "execution_success",
+                json!({"prompt_id": prompt_id, "timestamp": stamp}),
+            ),
             Err(Stop::Forgotten) => {
                 tracing::debug!(%prompt_id, "prompt forgotten by a simulated restart");
                 return;
             }
-            Err(Stop::Interrupted(node)) => ("execution_interrupted", self.interrupted(&node, stamp)),
-            Err(Stop::Failed(node, failure)) => ("execution_error", self.error(&node, failure, stamp)),
+            Err(Stop::Interrupted(node)) => {
+                ("execution_interrupted", self.interrupted(&node, stamp))
+            }
+            Err(Stop::Failed(node, failure)) => {
+                ("execution_error", self.error(&node, failure, stamp))
+            }
         };
         let success = kind == "execution_success";
         if !success {
@@ -435,10 +496,15 @@ impl Execution {
             state.running = None;
             state.queue_remaining()
         };
-        self.shared.counters.prompts_finished.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .prompts_finished
+            .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%prompt_id, outcome = kind, "prompt finished");
         self.send(kind, data);
-        self.shared.hub.broadcast(&super::state::status_frame(remaining, None));
+        self.shared
+            .hub
+            .broadcast(&super::state::status_frame(remaining, None));
         self.send("executing", json!({"node": null, "prompt_id": prompt_id}));
     }
 
@@ -450,15 +516,20 @@ impl Execution {
 
     fn error(&self, node: &str, failure: NodeFailure, stamp: i64) -> Value {
         let class = self.item.graph.class_type(node).unwrap_or_default();
-        let traceback = [format!(
-            "  File \"/srv/comfyui/execution.py\", line 496, in execute\n    output_data, \
-             output_ui, has_subgraph, has_pending_tasks = await get_output_data(...)\n"
-        )];
+        let traceback = [
+            "  File \"/srv/comfyui/execution.py\", line 496, in execute\n    \
+                          output_data, output_ui, has_subgraph, has_pending_tasks = await \
+                          get_output_data(...)\n",
+        ];
         let inputs: Map<String, Value> = self
             .item
             .graph
             .inputs(node)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), json!([v.to_string()]))).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), json!([v.to_string()])))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut current: Vec<&String> = self.results.keys().collect();
         current.sort();
@@ -497,7 +568,9 @@ fn execution_order(item: &Queued) -> Vec<String> {
         }
         if let Some(inputs) = item.graph.inputs(id) {
             for value in inputs.values() {
-                let Some(link) = value.as_array().filter(|a| a.len() == 2) else { continue };
+                let Some(link) = value.as_array().filter(|a| a.len() == 2) else {
+                    continue;
+                };
                 if let Some(source) = link[0].as_str() {
                     visit(item, source, seen, order);
                 }
@@ -514,7 +587,12 @@ fn execution_order(item: &Queued) -> Vec<String> {
 
 /// A node's input signature: class, literal inputs and upstream signatures
 /// (plus the file's bytes for LoadImage), so unchanged nodes hit the cache.
-fn signature(item: &Queued, shared: &Shared, id: &str, memo: &mut HashMap<String, String>) -> String {
+fn signature(
+    item: &Queued,
+    shared: &Shared,
+    id: &str,
+    memo: &mut HashMap<String, String>,
+) -> String {
     if let Some(known) = memo.get(id) {
         return known.clone();
     }
@@ -533,8 +611,15 @@ fn signature(item: &Queued, shared: &Shared, id: &str, memo: &mut HashMap<String
         }
     }
     if item.graph.class_type(id) == Some("LoadImage") {
-        let file = inputs.get("image").and_then(Value::as_str).unwrap_or_default();
-        if let Some(bytes) = shared.files.input_path(file).and_then(|p| std::fs::read(p).ok()) {
+        let file = inputs
+            .get("image")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let Some(bytes) = shared
+            .files
+            .input_path(file)
+            .and_then(|p| std::fs::read(p).ok())
+        {
             hasher.update(bytes);
         }
     }

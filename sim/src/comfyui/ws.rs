@@ -60,14 +60,21 @@ impl Hub {
 
     fn register(&self, client_id: &str, addr: Addr<Session>, metadata: Arc<AtomicBool>) -> u64 {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry { session, addr, preview_metadata: metadata };
+        let entry = Entry {
+            session,
+            addr,
+            preview_metadata: metadata,
+        };
         self.sessions().insert(client_id.to_owned(), entry);
         session
     }
 
     fn unregister(&self, client_id: &str, session: u64) {
         let mut sessions = self.sessions();
-        if sessions.get(client_id).is_some_and(|e| e.session == session) {
+        if sessions
+            .get(client_id)
+            .is_some_and(|e| e.session == session)
+        {
             sessions.remove(client_id);
         }
     }
@@ -123,11 +130,15 @@ impl Session {
     /// Handles `{"type": "feature_flags", ...}`, the only message clients
     /// send; everything else is ignored like ComfyUI does.
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
-        let Ok(message) = serde_json::from_str::<Value>(text) else { return };
+        let Ok(message) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
         if message["type"] != "feature_flags" {
             return;
         }
-        let wants = message["data"]["supports_preview_metadata"].as_bool().unwrap_or(false);
+        let wants = message["data"]["supports_preview_metadata"]
+            .as_bool()
+            .unwrap_or(false);
         self.preview_metadata.store(wants, Ordering::Relaxed);
         let reply = json!({"type": "feature_flags", "data":
             {"supports_preview_metadata": true, "max_upload_size": 104_857_600}});
@@ -140,7 +151,11 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let hub = &self.shared.hub;
-        self.session = hub.register(&self.client_id, ctx.address(), self.preview_metadata.clone());
+        self.session = hub.register(
+            &self.client_id,
+            ctx.address(),
+            self.preview_metadata.clone(),
+        );
         let (remaining, current) = {
             let state = self.shared.state();
             let current = state.running.as_ref().and_then(|r| {

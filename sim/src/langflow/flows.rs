@@ -56,8 +56,18 @@ pub fn narrate_text(input: &str) -> String {
     if words.is_empty() {
         return "There is nothing to narrate yet.".into();
     }
-    let mood = pick(input, "mood", &["quiet", "luminous", "restless", "tender", "stark", "hopeful"]);
-    let beat = pick(input, "beat", &["lingers", "drifts closer", "holds still", "pulls back"]);
+    let mood = pick(
+        input,
+        "mood",
+        &[
+            "quiet", "luminous", "restless", "tender", "stark", "hopeful",
+        ],
+    );
+    let beat = pick(
+        input,
+        "beat",
+        &["lingers", "drifts closer", "holds still", "pulls back"],
+    );
     let subject = words.join(" ").trim_end_matches(['.', '!', '?']).to_owned();
     format!("We open on {subject}. The moment feels {mood}, and the camera {beat} as it settles.")
 }
@@ -65,8 +75,16 @@ pub fn narrate_text(input: &str) -> String {
 /// `input` with style, light and lens details appended.
 pub fn expand_prompt(input: &str) -> String {
     let base = input.trim().trim_end_matches([',', '.']);
-    let style = pick(input, "style", &["cinematic", "painterly", "documentary", "dreamlike"]);
-    let light = pick(input, "light", &["golden hour light", "soft overcast light", "neon glow"]);
+    let style = pick(
+        input,
+        "style",
+        &["cinematic", "painterly", "documentary", "dreamlike"],
+    );
+    let light = pick(
+        input,
+        "light",
+        &["golden hour light", "soft overcast light", "neon glow"],
+    );
     format!("{base}, {style} composition, {light}, highly detailed, sharp focus, 35mm photograph")
 }
 
@@ -76,14 +94,24 @@ pub fn narrate_visual(input: &str, root: &Path, files: &[String]) -> String {
     if described.is_empty() {
         return format!("No image or video was attached. {}", narrate_text(input));
     }
-    let context = if input.trim().is_empty() { described.join(" ") } else { input.to_owned() };
+    let context = if input.trim().is_empty() {
+        described.join(" ")
+    } else {
+        input.to_owned()
+    };
     format!("{} {}", described.join(" "), narrate_text(&context))
 }
 
 fn describe(root: &Path, file: &str) -> String {
     let relative = Path::new(file);
-    let safe = relative.components().all(|c| matches!(c, std::path::Component::Normal(_)));
-    let bytes = if safe { std::fs::read(root.join(relative)).ok() } else { None };
+    let safe = relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    let bytes = if safe {
+        std::fs::read(root.join(relative)).ok()
+    } else {
+        None
+    };
     match bytes.as_deref().and_then(media::probe) {
         Some(info) if info.frames > 1 => format!(
             "A {}-frame {} clip at {}x{}.",

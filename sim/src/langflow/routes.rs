@@ -31,21 +31,27 @@ const CHAT_CONFLICT: &str =
 const FAILURE: &str = "simulated failure (multiplex-sim fail flow)";
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(|| async { ok(json!({"status": "ok"})) }))
-        .route(
-            "/health_check",
-            web::get().to(|| async { ok(json!({"status": "ok", "chat": "ok", "db": "ok"})) }),
-        )
-        .route(
-            "/api/v1/version",
-            web::get().to(|| async {
-                ok(json!({"version": "1.13.0", "main_version": "1.13.0", "package": "Langflow"}))
-            }),
-        )
-        .route("/api/v1/run/{flow}", web::post().to(run))
-        .route("/api/v1/run/{flow}", web::route().to(|| async { detail(405, "Method Not Allowed") }))
-        .route("/api/v1/files/upload/{flow}", web::post().to(upload))
-        .default_service(web::to(|| async { detail(404, "Not Found") }));
+    cfg.route(
+        "/health",
+        web::get().to(|| async { ok(json!({"status": "ok"})) }),
+    )
+    .route(
+        "/health_check",
+        web::get().to(|| async { ok(json!({"status": "ok", "chat": "ok", "db": "ok"})) }),
+    )
+    .route(
+        "/api/v1/version",
+        web::get().to(|| async {
+            ok(json!({"version": "1.13.0", "main_version": "1.13.0", "package": "Langflow"}))
+        }),
+    )
+    .route("/api/v1/run/{flow}", web::post().to(run))
+    .route(
+        "/api/v1/run/{flow}",
+        web::route().to(|| async { detail(405, "Method Not Allowed") }),
+    )
+    .route("/api/v1/files/upload/{flow}", web::post().to(upload))
+    .default_service(web::to(|| async { detail(404, "Not Found") }));
 }
 
 fn ok(body: Value) -> HttpResponse {
@@ -120,8 +126,12 @@ impl RunRequest {
     }
 
     fn conflicts(&self) -> bool {
-        let tweaked = self.chat_tweak().is_some_and(|t| !t.get("input_value").is_none_or(Value::is_null));
-        tweaked && self.input_value.is_some() && self.input_type.unwrap_or_default() == InputType::Chat
+        let tweaked = self
+            .chat_tweak()
+            .is_some_and(|t| !t.get("input_value").is_none_or(Value::is_null));
+        tweaked
+            && self.input_value.is_some()
+            && self.input_type.unwrap_or_default() == InputType::Chat
     }
 
     /// What the Chat Input component receives.
@@ -140,7 +150,11 @@ impl RunRequest {
     fn files(&self) -> Vec<String> {
         match self.chat_tweak().and_then(|t| t.get("files")) {
             Some(Value::String(one)) => vec![one.clone()],
-            Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+            Some(Value::Array(many)) => many
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -149,8 +163,14 @@ impl RunRequest {
 /// Byte offset of a JSON error, as Python's decoder reports it.
 fn error_offset(body: &[u8], error: &serde_json::Error) -> usize {
     let text = String::from_utf8_lossy(body);
-    let before: usize = text.split('\n').take(error.line().saturating_sub(1)).map(|l| l.len() + 1).sum();
-    before + error.column().saturating_sub(1).max(0) + usize::from(error.column() > 0)
+    let before: usize = text
+        .split('\n')
+        .take(error.line().saturating_sub(1))
+        .map(|l| l.len() + 1)
+        .sum();
+    // serde's column is 1-based and points at the offending byte; Python
+    // reports the 0-based offset just past the input at end of file.
+    before + error.column()
 }
 
 async fn run(
@@ -184,8 +204,10 @@ async fn run(
         None => RunRequest::default(),
         Some(Value::Object(map)) => serde_json::from_value(Value::Object(map)).unwrap_or_default(),
         Some(_) => {
-            let missing = |field| json!({"type": "missing", "loc": ["body", field],
-                "msg": "Field required"});
+            let missing = |field| {
+                json!({"type": "missing", "loc": ["body", field],
+                "msg": "Field required"})
+            };
             let body = json!({"detail": [missing("input_request"), missing("context")]});
             return HttpResponse::UnprocessableEntity().json(body);
         }
@@ -216,7 +238,10 @@ impl Plan {
     fn new(data: &Shared, flow: &SimFlow, request: &RunRequest) -> Plan {
         let ids = RunIds {
             flow_id: flow.id.clone(),
-            session_id: request.session_id.clone().unwrap_or_else(|| flow.id.clone()),
+            session_id: request
+                .session_id
+                .clone()
+                .unwrap_or_else(|| flow.id.clone()),
             run_id: uuid::Uuid::new_v4().to_string(),
         };
         let input = request.chat_input();
@@ -246,8 +271,18 @@ impl Plan {
             source: Some(flow.behavior.middle()),
             timestamp: message::timestamp(),
         };
-        let output_id = request.output_component.clone().unwrap_or_else(|| "ChatOutput-aaaa2".into());
-        Plan { ids, behavior: flow.behavior, inputs, question, answer, output_id }
+        let output_id = request
+            .output_component
+            .clone()
+            .unwrap_or_else(|| "ChatOutput-aaaa2".into());
+        Plan {
+            ids,
+            behavior: flow.behavior,
+            inputs,
+            question,
+            answer,
+            output_id,
+        }
     }
 
     fn tokens(&self) -> Vec<String> {
@@ -256,7 +291,17 @@ impl Plan {
         }
         let words: Vec<&str> = self.answer.text.split(' ').collect();
         let last = words.len().saturating_sub(1);
-        words.iter().enumerate().map(|(i, w)| if i < last { format!("{w} ") } else { (*w).to_owned() }).collect()
+        words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if i < last {
+                    format!("{w} ")
+                } else {
+                    (*w).to_owned()
+                }
+            })
+            .collect()
     }
 
     fn failure(&self) -> String {
@@ -269,15 +314,26 @@ impl Plan {
         if self.behavior == FlowBehavior::Fail {
             return HttpResponse::InternalServerError().json(json!({"detail": self.failure()}));
         }
-        ok(message::run_result(&self.ids, self.inputs.clone(), &self.answer, &self.output_id))
+        ok(message::run_result(
+            &self.ids,
+            self.inputs.clone(),
+            &self.answer,
+            &self.output_id,
+        ))
     }
 
     /// Bare JSON events, each followed by a blank line (05_run_stream).
     fn stream(self, token_delay_ms: u64) -> HttpResponse {
         let event = |kind: &str, data: Value| {
-            format!("{}\n\n", message::python_json(&json!({"event": kind, "data": data})))
+            format!(
+                "{}\n\n",
+                message::python_json(&json!({"event": kind, "data": data}))
+            )
         };
-        let mut events = vec![(0, event("add_message", self.question.object(&self.ids, true)))];
+        let mut events = vec![(
+            0,
+            event("add_message", self.question.object(&self.ids, true)),
+        )];
         if self.behavior == FlowBehavior::Fail {
             let error = message::error_message(&self.ids, self.behavior.middle(), FAILURE);
             events.push((0, event("error", error)));
@@ -290,7 +346,12 @@ impl Plan {
                 events.push((token_delay_ms, event("token", data)));
             }
             events.push((0, event("add_message", self.answer.object(&self.ids, true))));
-            let result = message::run_result(&self.ids, self.inputs.clone(), &self.answer, &self.output_id);
+            let result = message::run_result(
+                &self.ids,
+                self.inputs.clone(),
+                &self.answer,
+                &self.output_id,
+            );
             events.push((0, event("end", json!({"result": result}))));
         }
         let body = stream::iter(events).then(|(delay, text)| async move {
@@ -299,7 +360,9 @@ impl Plan {
             }
             Ok::<_, Infallible>(web::Bytes::from(text))
         });
-        HttpResponse::Ok().content_type("text/event-stream; charset=utf-8").streaming(body)
+        HttpResponse::Ok()
+            .content_type("text/event-stream; charset=utf-8")
+            .streaming(body)
     }
 }
 
@@ -335,12 +398,14 @@ async fn upload(
     let safe_name = filename.replace(['/', '\\'], "_");
     let stored = format!("{stamp}_{safe_name}");
     let folder = data.storage().join(&flow.id);
-    let written = std::fs::create_dir_all(&folder).and_then(|()| std::fs::write(folder.join(&stored), bytes));
+    let written =
+        std::fs::create_dir_all(&folder).and_then(|()| std::fs::write(folder.join(&stored), bytes));
     if let Err(error) = written {
         tracing::warn!(%error, "upload could not be stored");
         return detail(500, "Could not store the file");
     }
-    HttpResponse::Created().json(json!({"flowId": flow.id, "file_path": format!("{}/{stored}", flow.id)}))
+    HttpResponse::Created()
+        .json(json!({"flowId": flow.id, "file_path": format!("{}/{stored}", flow.id)}))
 }
 
 async fn read_file(mut form: Multipart) -> Result<Option<(String, Vec<u8>)>, actix_web::Error> {

@@ -16,8 +16,18 @@ pub struct Image {
 impl Image {
     /// A batch of `count` frames filled with one RGB colour.
     pub fn solid(width: u32, height: u32, count: usize, rgb: [u8; 3]) -> Image {
-        let frame: Vec<u8> = rgb.iter().copied().cycle().take(pixels(width, height) * 3).collect();
-        Image { width, height, channels: 3, frames: vec![frame; count.max(1)] }
+        let frame: Vec<u8> = rgb
+            .iter()
+            .copied()
+            .cycle()
+            .take(pixels(width, height) * 3)
+            .collect();
+        Image {
+            width,
+            height,
+            channels: 3,
+            frames: vec![frame; count.max(1)],
+        }
     }
 
     /// Bytes of one frame.
@@ -65,11 +75,20 @@ pub fn invert(image: &Image) -> Image {
             frame
                 .iter()
                 .enumerate()
-                .map(|(i, v)| if channels == 4 && i % 4 == 3 { *v } else { 255 - v })
+                .map(|(i, v)| {
+                    if channels == 4 && i % 4 == 3 {
+                        *v
+                    } else {
+                        255 - v
+                    }
+                })
                 .collect()
         })
         .collect();
-    Image { frames, ..image.clone() }
+    Image {
+        frames,
+        ..image.clone()
+    }
 }
 
 /// Resizes every frame; `smooth` picks bilinear over nearest-neighbour.
@@ -80,7 +99,12 @@ pub fn scale(image: &Image, width: u32, height: u32, smooth: bool) -> Image {
         .iter()
         .map(|frame| scale_frame(image, frame, width, height, smooth))
         .collect();
-    Image { width, height, channels: image.channels, frames }
+    Image {
+        width,
+        height,
+        channels: image.channels,
+        frames,
+    }
 }
 
 fn scale_frame(image: &Image, frame: &[u8], width: u32, height: u32, smooth: bool) -> Vec<u8> {
@@ -124,8 +148,15 @@ fn bilinear(image: &Image, frame: &[u8], sx: f32, sy: f32, c: usize) -> u8 {
 pub fn blur(image: &Image, passes: u32) -> Image {
     let mut current = image.clone();
     for _ in 0..passes.min(3) {
-        let frames = current.frames.iter().map(|f| box_blur(&current, f)).collect();
-        current = Image { frames, ..current.clone() };
+        let frames = current
+            .frames
+            .iter()
+            .map(|f| box_blur(&current, f))
+            .collect();
+        current = Image {
+            frames,
+            ..current.clone()
+        };
     }
     current
 }
@@ -171,7 +202,10 @@ pub fn tint_frames(image: &Image, count: usize) -> Image {
             frame
         })
         .collect();
-    Image { frames, ..image.clone() }
+    Image {
+        frames,
+        ..image.clone()
+    }
 }
 
 #[cfg(test)]
@@ -187,7 +221,12 @@ mod tests {
 
     #[test]
     fn invert_keeps_alpha() {
-        let image = Image { width: 1, height: 1, channels: 4, frames: vec![vec![0, 10, 255, 7]] };
+        let image = Image {
+            width: 1,
+            height: 1,
+            channels: 4,
+            frames: vec![vec![0, 10, 255, 7]],
+        };
         assert_eq!(invert(&image).frames[0], vec![255, 245, 0, 7]);
     }
 

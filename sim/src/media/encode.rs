@@ -37,7 +37,11 @@ pub fn encode_png(
 }
 
 /// Encodes every frame into one animated PNG playing at `fps`.
-pub fn encode_apng(image: &Image, fps: f64, text: &[(&str, String)]) -> Result<Vec<u8>, MediaError> {
+pub fn encode_apng(
+    image: &Image,
+    fps: f64,
+    text: &[(&str, String)],
+) -> Result<Vec<u8>, MediaError> {
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, image.width, image.height);
     encoder.set_color(color_type(image.channels)?);
@@ -126,14 +130,24 @@ pub fn decode_png(bytes: &[u8]) -> Result<Image, MediaError> {
         png::ColorType::Rgba => (4, buf),
         png::ColorType::Grayscale => (3, buf.iter().flat_map(|v| [*v, *v, *v]).collect()),
         png::ColorType::GrayscaleAlpha => {
-            let data = buf.chunks(2).flat_map(|p| [p[0], p[0], p[0], p[1]]).collect();
+            let data = buf
+                .chunks(2)
+                .flat_map(|p| [p[0], p[0], p[0], p[1]])
+                .collect();
             (4, data)
         }
         png::ColorType::Indexed => {
-            return Err(MediaError::Unsupported("indexed png after expansion".into()))
+            return Err(MediaError::Unsupported(
+                "indexed png after expansion".into(),
+            ))
         }
     };
-    Ok(Image { width: info.width, height: info.height, channels, frames: vec![data] })
+    Ok(Image {
+        width: info.width,
+        height: info.height,
+        channels,
+        frames: vec![data],
+    })
 }
 
 /// A PNG of noise (incompressible) that encodes to roughly `len` bytes; the
@@ -143,7 +157,12 @@ pub fn noise_png(len: usize, seed: u64) -> Result<Vec<u8>, MediaError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut data = vec![0u8; side as usize * side as usize * 3];
     rng.fill_bytes(&mut data);
-    let image = Image { width: side, height: side, channels: 3, frames: vec![data] };
+    let image = Image {
+        width: side,
+        height: side,
+        channels: 3,
+        frames: vec![data],
+    };
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, side, side);
     encoder.set_color(png::ColorType::Rgb);
@@ -183,12 +202,19 @@ mod tests {
     fn animated_webp_reports_its_frames() {
         let bytes = encode_animated_webp(&sample(3), 16.0).unwrap();
         let info = probe(&bytes).unwrap();
-        assert_eq!((info.width, info.height, info.frames, info.format), (6, 4, 3, "webp"));
+        assert_eq!(
+            (info.width, info.height, info.frames, info.format),
+            (6, 4, 3, "webp")
+        );
     }
 
     #[test]
     fn noise_png_is_about_the_requested_size() {
         let bytes = noise_png(100_000, 7).unwrap();
-        assert!(bytes.len() > 90_000 && bytes.len() < 120_000, "{}", bytes.len());
+        assert!(
+            bytes.len() > 90_000 && bytes.len() < 120_000,
+            "{}",
+            bytes.len()
+        );
     }
 }

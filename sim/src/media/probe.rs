@@ -51,7 +51,12 @@ fn probe_png(bytes: &[u8]) -> Option<MediaInfo> {
         }
         at += 12 + len;
     }
-    Some(MediaInfo { format: "png", width, height, frames })
+    Some(MediaInfo {
+        format: "png",
+        width,
+        height,
+        frames,
+    })
 }
 
 fn probe_gif(bytes: &[u8]) -> Option<MediaInfo> {
@@ -63,7 +68,12 @@ fn probe_gif(bytes: &[u8]) -> Option<MediaInfo> {
     while let Ok(Some(_)) = decoder.next_frame_info() {
         frames += 1;
     }
-    Some(MediaInfo { format: "gif", width, height, frames: frames.max(1) })
+    Some(MediaInfo {
+        format: "gif",
+        width,
+        height,
+        frames: frames.max(1),
+    })
 }
 
 fn probe_webp(bytes: &[u8]) -> Option<MediaInfo> {
@@ -82,8 +92,12 @@ fn probe_webp(bytes: &[u8]) -> Option<MediaInfo> {
                 size = Some(((bits & 0x3fff) + 1, ((bits >> 14) & 0x3fff) + 1));
             }
             b"VP8 " if size.is_none() => {
-                let w = u32::from(u16::from_le_bytes(bytes.get(data + 6..data + 8)?.try_into().ok()?));
-                let h = u32::from(u16::from_le_bytes(bytes.get(data + 8..data + 10)?.try_into().ok()?));
+                let w = u32::from(u16::from_le_bytes(
+                    bytes.get(data + 6..data + 8)?.try_into().ok()?,
+                ));
+                let h = u32::from(u16::from_le_bytes(
+                    bytes.get(data + 8..data + 10)?.try_into().ok()?,
+                ));
                 size = Some((w & 0x3fff, h & 0x3fff));
             }
             _ => {}
@@ -91,7 +105,12 @@ fn probe_webp(bytes: &[u8]) -> Option<MediaInfo> {
         at = data + len + len % 2;
     }
     let (width, height) = size?;
-    Some(MediaInfo { format: "webp", width, height, frames: frames.max(1) })
+    Some(MediaInfo {
+        format: "webp",
+        width,
+        height,
+        frames: frames.max(1),
+    })
 }
 
 #[cfg(test)]
