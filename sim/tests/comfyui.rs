@@ -729,3 +729,144 @@ async fn foreign_origins_are_refused() {
     assert_eq!(stats["devices"][0]["vram_total"], 24_576u64 * 1024 * 1024);
     sim.stop().await;
 }
+
+fn wan_graph(image: &str, saver: &str) -> Value {
+    json!({
+        "1": {"class_type": "UNETLoader",
+              "inputs": {"unet_name": "wan.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader",
+              "inputs": {"clip_name": "umt5.safetensors", "type": "wan", "device": "default"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_vae.safetensors"}},
+        "4": {"class_type": "CLIPVisionLoader",
+              "inputs": {"clip_name": "clip_vision_h.safetensors"}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "6": {"class_type": "CLIPVisionEncode",
+              "inputs": {"clip_vision": ["4", 0], "image": ["5", 0], "crop": "none"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "a slow pan", "clip": ["2", 0]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "9": {"class_type": "WanImageToVideo", "inputs": {"positive": ["7", 0],
+              "negative": ["8", 0], "vae": ["3", 0], "clip_vision_output": ["6", 0],
+              "start_image": ["5", 0], "width": 64, "height": 48, "length": 9,
+              "batch_size": 1}},
+        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}},
+        "11": {"class_type": "KSampler", "inputs": {"model": ["10", 0], "seed": 1, "steps": 2,
+               "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple",
+               "positive": ["9", 0], "negative": ["9", 1], "latent_image": ["9", 2],
+               "denoise": 1.0}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["3", 0]}},
+        "13": {"class_type": saver, "inputs": {"images": ["12", 0], "filename_prefix": "wan",
+               "fps": 16.0, "lossless": false, "quality": 90, "method": "default",
+               "compress_level": 4}},
+    })
+}
+
+#[actix_rt::test]
+async fn image_to_video_writes_real_animations() {
+    let sim = start(fast()).await;
+    upload(&sim, "start.png", small_png(32, 24, 9), &[]).await;
+    for (saver, format) in [("SaveAnimatedPNG", "png"), ("SaveAnimatedWEBP", "webp")] {
+        let (status, answer) =
+            post_prompt(&sim, json!({"prompt": wan_graph("start.png", saver)})).await;
+        assert_eq!(status, 200, "{answer}");
+        let id = answer["prompt_id"].as_str().unwrap().to_owned();
+        let history = poll(&sim, &format!("history/{id}"), |h| h.get(&id).is_some()).await;
+        let output = &history[&id]["outputs"]["13"];
+        assert_eq!(output["animated"], json!([true]));
+        let name = output["images"][0]["filename"].as_str().unwrap();
+        let url = sim
+            .url()
+            .join(&format!("view?filename={name}&type=output"))
+            .unwrap();
+        let bytes = http().get(url).send().await.unwrap().bytes().await.unwrap();
+        let info = multiplex_sim::media::probe(&bytes).unwrap();
+        assert_eq!(
+            (info.format, info.width, info.height, info.frames),
+            (format, 64, 48, 9)
+        );
+    }
+    sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_reconnecting_client_learns_the_running_node() {
+    let sim = start(ComfySimConfig {
+        step_ms: 30,
+        ..fast()
+    })
+    .await;
+    let mut first = connect(&sim, "same").await;
+    text(&mut first).await;
+    post_prompt(
+        &sim,
+        json!({"prompt": sampler_graph(20), "client_id": "same"}),
+    )
+    .await;
+    loop {
+        if summarize(&text(&mut first).await) == "executing(5)" {
+            break;
+        }
+    }
+    drop(first);
+    let mut second = connect(&sim, "same").await;
+    let status = text(&mut second).await;
+    assert_eq!(
+        (summarize(&status), &status["data"]["sid"]),
+        ("status(q=1)".into(), &json!("same"))
+    );
+    assert_eq!(
+        text(&mut second).await,
+        json!({"type": "executing", "data": {"node": "5"}})
+    );
+    let rest = until_done(&mut second).await;
+    assert_eq!(rest.last().unwrap(), "executing(None)");
+    assert!(rest.contains(&"execution_success".to_owned()));
+    sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn dropped_and_stalled_sockets_still_finish_in_history() {
+    let sim = start(fast()).await;
+    let mut socket = connect(&sim, "main").await;
+    text(&mut socket).await;
+    sim.control(ComfyControl {
+        drop_socket_next: Some(1),
+        ..ComfyControl::default()
+    });
+    let (_, answer) = post_prompt(
+        &sim,
+        json!({"prompt": basic_graph("drop", 3), "client_id": "main"}),
+    )
+    .await;
+    let closed = loop {
+        match tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("socket reacts")
+        {
+            Some(Ok(Frame::Close(_))) | None | Some(Err(_)) => break true,
+            Some(Ok(Frame::Text(text))) => {
+                assert!(!String::from_utf8_lossy(&text).contains("execution_success"));
+            }
+            Some(Ok(_)) => {}
+        }
+    };
+    assert!(closed);
+    let id = answer["prompt_id"].as_str().unwrap().to_owned();
+    poll(&sim, &format!("history/{id}"), |h| h.get(&id).is_some()).await;
+
+    let mut quiet = connect(&sim, "quiet").await;
+    text(&mut quiet).await;
+    sim.control(ComfyControl {
+        stall: Some(true),
+        ..ComfyControl::default()
+    });
+    let (_, answer) = post_prompt(
+        &sim,
+        json!({"prompt": basic_graph("stall", 4), "client_id": "quiet"}),
+    )
+    .await;
+    let id = answer["prompt_id"].as_str().unwrap().to_owned();
+    poll(&sim, &format!("history/{id}"), |h| h.get(&id).is_some()).await;
+    let silent = tokio::time::timeout(Duration::from_millis(100), quiet.next()).await;
+    assert!(silent.is_err(), "a stalled server sends nothing");
+    sim.stop().await;
+}
