@@ -2,9 +2,9 @@
 //!
 //! The sequence follows the recordings: upload each input and inject the name ComfyUI returns;
 //! submit with our prompt id and the node's client id; follow that prompt's events until
-//! `execution_success` or `executing {node: null}`; then read `/history/{id}`, which decides
-//! (it can lag the events by a moment, so it is retried briefly); finally stream each output
-//! into the artifact store.
+//! `executing {node: null}` (ComfyUI sends it after storing the history entry; after
+//! `execution_success` the wait for it is short); then read `/history/{id}`, which decides
+//! (it can still lag, so it is retried briefly); finally stream each output into the store.
 //!
 //! The events come from the node's shared socket through a broadcast channel. A quiet, lagging
 //! or closed channel never makes a job hang: it falls back to polling `/history/{id}` and
@@ -28,6 +28,10 @@ use crate::workflow::ComfyJob;
 /// With no event for our prompt for this long, ask `/history` and `/queue` where it stands.
 /// Only a check, never a failure: a model load or a slow sampler step can be silent for long.
 const QUIET_CHECK: Duration = Duration::from_secs(15);
+
+/// ComfyUI stores the history entry between `execution_success` and `executing {node: null}`,
+/// so the job waits for the latter; this long at most, for servers that do not send it.
+const SUCCESS_GRACE: Duration = Duration::from_millis(500);
 
 /// Polling interval bounds once the event channel is gone.
 const POLL_MIN: Duration = Duration::from_millis(250);
@@ -373,8 +377,14 @@ async fn follow(
     // resent after a reconnect carry no prompt id and belong to whatever runs.
     let mut ours_running = false;
     let mut unknown_checks = 0;
+    let mut succeeded = false;
     let signal = loop {
-        let event = match tokio::time::timeout(QUIET_CHECK, events.recv()).await {
+        let wait = if succeeded {
+            SUCCESS_GRACE
+        } else {
+            QUIET_CHECK
+        };
+        let event = match tokio::time::timeout(wait, events.recv()).await {
             Ok(Ok(event)) => event,
             Ok(Err(RecvError::Lagged(missed))) => {
                 // The receiver goes on from the oldest retained event; the end may be lost.
@@ -388,6 +398,7 @@ async fn follow(
                 warn!("event channel closed; polling");
                 break Signal::Poll;
             }
+            Err(_) if succeeded => break Signal::Done,
             Err(_quiet) => {
                 debug!("no event for a while; checking history");
                 match check(client, prompt_id, &mut unknown_checks).await? {
@@ -423,7 +434,7 @@ async fn follow(
             ComfyEvent::Executing { node: None, .. } if named == Some(prompt_id) => {
                 break Signal::Done;
             }
-            ComfyEvent::ExecutionSuccess { .. } if ours => break Signal::Done,
+            ComfyEvent::ExecutionSuccess { .. } if ours => succeeded = true,
             ComfyEvent::Progress {
                 node, value, max, ..
             } if ours => {
