@@ -340,3 +340,35 @@ async fn rest_calls_match_the_recordings() {
         .expect("delete");
     node.sim.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_prompt_the_server_forgot_is_lost() {
+    let node = Harness::start(fast()).await;
+    // No events, so the job polls; the server "restarts" right after accepting the prompt.
+    let (sender, receiver) = broadcast::channel(16);
+    drop(sender);
+    let restart = || {
+        node.sim.control(ComfyControl {
+            restart: true,
+            ..ComfyControl::default()
+        })
+    };
+    let outcome = run_job(
+        &node.client,
+        &job(sampler_prompt(10_000)),
+        &uuid::Uuid::new_v4().to_string(),
+        &node.client_id,
+        receiver,
+        node.store.artifacts(),
+        |progress| {
+            if matches!(progress, JobProgress::Submitted { .. }) {
+                restart();
+            }
+        },
+    )
+    .await;
+    let err = outcome.expect_err("the prompt is gone");
+    assert!(matches!(err, JobError::Lost { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    node.sim.stop().await;
+}
