@@ -169,8 +169,8 @@ impl JobError {
     }
 
     /// Whether running the job again (after reconciling) may succeed: transport trouble and a
-    /// forgotten prompt. Out-of-memory is decided separately by [`is_out_of_memory`]
-    /// (Self::is_out_of_memory).
+    /// forgotten prompt. Out-of-memory is decided separately by
+    /// [`is_out_of_memory`](Self::is_out_of_memory).
     pub fn is_retryable(&self) -> bool {
         matches!(self, JobError::Transport { .. } | JobError::Lost { .. })
     }
