@@ -22,6 +22,14 @@ pub(crate) enum Out {
     ClipVision,
     ClipVisionOutput,
     Conditioning(Arc<String>),
+    /// RandomNoise: the seed the sampler draws its noise from.
+    Noise(u64),
+    /// KSamplerSelect: which algorithm does not change the simulated picture.
+    Sampler,
+    /// BasicScheduler: the number of steps the sigmas schedule.
+    Sigmas(u64),
+    /// BasicGuider: the conditioning's prompt text.
+    Guider(Arc<String>),
 }
 
 /// A latent: enough to draw its decoded picture later.
@@ -181,7 +189,7 @@ pub(crate) fn evaluate(
         "FluxGuidance" => one(Out::Conditioning(Arc::new(
             args.conditioning("conditioning"),
         ))),
-        "ModelSamplingSD3" => one(args
+        "ModelSamplingSD3" | "ModelSamplingFlux" => one(args
             .links
             .get("model")
             .cloned()
@@ -189,6 +197,17 @@ pub(crate) fn evaluate(
         "EmptyLatentImage" | "EmptySD3LatentImage" => one(empty_latent(args)),
         "KSampler" => one(Out::Latent(Arc::new(sample(args, "seed")?))),
         "KSamplerAdvanced" => one(Out::Latent(Arc::new(sample(args, "noise_seed")?))),
+        "RandomNoise" => one(Out::Noise(args.seed("noise_seed"))),
+        "KSamplerSelect" => one(Out::Sampler),
+        "BasicScheduler" => one(Out::Sigmas(scheduled_steps(args))),
+        "BasicGuider" => one(Out::Guider(Arc::new(args.conditioning("conditioning")))),
+        "SamplerCustomAdvanced" => {
+            let latent = Out::Latent(Arc::new(sample_custom(args)?));
+            Ok(Produced {
+                outputs: vec![latent.clone(), latent],
+                ui: None,
+            })
+        }
         "WanImageToVideo" => wan_image_to_video(args),
         "VAEDecode" => one(Out::Image(Arc::new(decode(&*args.latent("samples")?)))),
         "SaveImage" => save_images(args, save, "output", "filename_prefix"),
@@ -330,6 +349,41 @@ fn sample(args: &Args<'_>, seed: &str) -> Result<Latent, NodeFailure> {
     Ok(Latent {
         text,
         seed: args.seed(seed),
+        ..(*latent).clone()
+    })
+}
+
+/// The steps BasicScheduler's sigmas cover: `steps`, or none when
+/// `denoise` is 0 (ComfyUI then returns an empty schedule).
+fn scheduled_steps(args: &Args<'_>) -> u64 {
+    if args.float("denoise", 1.0) <= 0.0 {
+        return 0;
+    }
+    args.int("steps", 20).clamp(1, 10_000) as u64
+}
+
+/// SamplerCustomAdvanced: the seed comes from the noise, the prompt text
+/// from the guider's conditioning.
+fn sample_custom(args: &Args<'_>) -> Result<Latent, NodeFailure> {
+    let latent = args.latent("latent_image")?;
+    let seed = match args.links.get("noise") {
+        Some(Out::Noise(seed)) => *seed,
+        _ => return Err(missing("noise")),
+    };
+    let text = match args.links.get("guider") {
+        Some(Out::Guider(text)) if !text.is_empty() => text.to_string(),
+        Some(Out::Guider(_)) => latent.text.clone(),
+        _ => return Err(missing("guider")),
+    };
+    if !matches!(args.links.get("sampler"), Some(Out::Sampler)) {
+        return Err(missing("sampler"));
+    }
+    if !matches!(args.links.get("sigmas"), Some(Out::Sigmas(_))) {
+        return Err(missing("sigmas"));
+    }
+    Ok(Latent {
+        text,
+        seed,
         ..(*latent).clone()
     })
 }

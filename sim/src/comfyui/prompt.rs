@@ -290,6 +290,12 @@ impl Checker<'_> {
             Some(Value::String(kind)) if kind == "INT" => check_number(name, spec, value, true),
             Some(Value::String(kind)) if kind == "FLOAT" => check_number(name, spec, value, false),
             Some(Value::Array(choices)) => check_combo(name, spec, choices, value),
+            // V3 nodes list combo choices under `options` (execution.py
+            // reads them from there when the type is `COMBO`).
+            Some(Value::String(kind)) if kind == "COMBO" => {
+                let choices = spec[1]["options"].as_array().cloned().unwrap_or_default();
+                check_combo(name, spec, &choices, value)
+            }
             _ => Check::Ok,
         }
     }

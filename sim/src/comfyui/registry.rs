@@ -248,6 +248,7 @@ pub(crate) fn classes() -> Vec<ClassDef> {
     let mut all = image_classes();
     all.extend(model_classes());
     all.extend(sampling_classes());
+    all.extend(custom_sampling_classes());
     all.extend(saving_classes());
     all
 }
@@ -472,6 +473,18 @@ fn model_classes() -> Vec<ClassDef> {
             ],
             ..base("ModelSamplingSD3", "advanced/model")
         },
+        ClassDef {
+            python_module: "comfy_extras.nodes_model_advanced",
+            outputs: vec![("MODEL", "MODEL")],
+            required: vec![
+                ("model", link("MODEL")),
+                ("max_shift", float(1.15, 0.0, 100.0, 0.01)),
+                ("base_shift", float(0.5, 0.0, 100.0, 0.01)),
+                ("width", int(1024, 16, 16384, Some(8))),
+                ("height", int(1024, 16, 16384, Some(8))),
+            ],
+            ..base("ModelSamplingFlux", "advanced/model")
+        },
     ]
 }
 
@@ -569,6 +582,80 @@ fn sampling_classes() -> Vec<ClassDef> {
             outputs: vec![("IMAGE", "IMAGE")],
             required: vec![("samples", link("LATENT")), ("vae", link("VAE"))],
             ..base("VAEDecode", "latent")
+        },
+    ]
+}
+
+/// A V3 (`io.Schema`) input of a link type: `["MODEL", {}]`.
+fn v3_link(kind: &str) -> Spec {
+    fixed(json!([kind, {}]))
+}
+
+/// A V3 combo, which object_info lists as `["COMBO", {"options": [...]}]`.
+fn v3_combo(choices: &[&str]) -> Spec {
+    fixed(json!(["COMBO", {"options": choices}]))
+}
+
+/// The custom sampler nodes of `comfy_extras/nodes_custom_sampler.py` (V3
+/// schema) that ComfyUI's Flux dev example wires together.
+fn custom_sampling_classes() -> Vec<ClassDef> {
+    let v3 = |name, category| ClassDef {
+        display_name: None,
+        python_module: "comfy_extras.nodes_custom_sampler",
+        v3: true,
+        ..base(name, category)
+    };
+    vec![
+        ClassDef {
+            outputs: vec![("SIGMAS", "SIGMAS")],
+            required: vec![
+                ("model", v3_link("MODEL")),
+                ("scheduler", v3_combo(SCHEDULERS)),
+                (
+                    "steps",
+                    fixed(json!(["INT", {"default": 20, "min": 1, "max": 10000}])),
+                ),
+                (
+                    "denoise",
+                    fixed(json!(["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0,
+                    "step": 0.01}])),
+                ),
+            ],
+            ..v3("BasicScheduler", "sampling/schedulers")
+        },
+        ClassDef {
+            outputs: vec![("SAMPLER", "SAMPLER")],
+            required: vec![("sampler_name", v3_combo(SAMPLERS))],
+            ..v3("KSamplerSelect", "sampling/samplers")
+        },
+        ClassDef {
+            outputs: vec![("NOISE", "NOISE")],
+            required: vec![(
+                "noise_seed",
+                fixed(json!(["INT", {"default": 0, "min": 0, "max": u64::MAX,
+                "control_after_generate": true}])),
+            )],
+            ..v3("RandomNoise", "sampling/noise")
+        },
+        ClassDef {
+            display_name: Some("Basic Guider"),
+            outputs: vec![("GUIDER", "GUIDER")],
+            required: vec![
+                ("model", v3_link("MODEL")),
+                ("conditioning", v3_link("CONDITIONING")),
+            ],
+            ..v3("BasicGuider", "sampling/guiders")
+        },
+        ClassDef {
+            outputs: vec![("LATENT", "output"), ("LATENT", "denoised_output")],
+            required: vec![
+                ("noise", v3_link("NOISE")),
+                ("guider", v3_link("GUIDER")),
+                ("sampler", v3_link("SAMPLER")),
+                ("sigmas", v3_link("SIGMAS")),
+                ("latent_image", v3_link("LATENT")),
+            ],
+            ..v3("SamplerCustomAdvanced", "sampling/custom_sampling")
         },
     ]
 }

@@ -30,7 +30,7 @@ const LOADERS: &[&str] = &[
 ];
 
 /// Classes that sample step by step and send progress and previews.
-const SAMPLERS: &[&str] = &["KSampler", "KSamplerAdvanced"];
+const SAMPLERS: &[&str] = &["KSampler", "KSamplerAdvanced", "SamplerCustomAdvanced"];
 
 /// Runs the queue forever.
 pub(crate) async fn run(shared: Arc<Shared>) {
@@ -283,12 +283,7 @@ impl Execution {
     }
 
     async fn sample(&mut self, id: &str, step_ms: u64, preview_bytes: usize) -> Result<(), Stop> {
-        let inputs = self.item.graph.inputs(id).cloned().unwrap_or_default();
-        let steps = inputs
-            .get("steps")
-            .and_then(Value::as_u64)
-            .unwrap_or(20)
-            .clamp(1, 10_000);
+        let steps = self.sampler_steps(id);
         let preview = if preview_bytes > 0 {
             media::noise_png(preview_bytes, steps).ok().map(Bytes::from)
         } else {
@@ -300,6 +295,34 @@ impl Execution {
             self.step_progress(id, step, steps, preview.as_ref());
         }
         Ok(())
+    }
+
+    /// A KSampler's own `steps`; SamplerCustomAdvanced runs as many steps as
+    /// the sigmas linked into it schedule (BasicScheduler's `steps`).
+    fn sampler_steps(&self, id: &str) -> u64 {
+        let inputs = self.item.graph.inputs(id);
+        if let Some(link) = inputs.and_then(|i| i.get("sigmas")) {
+            return match self.link_output(link) {
+                Some(Out::Sigmas(steps)) => *steps,
+                _ => 0,
+            };
+        }
+        inputs
+            .and_then(|i| i.get("steps"))
+            .and_then(Value::as_u64)
+            .unwrap_or(20)
+            .clamp(1, 10_000)
+    }
+
+    /// The value a `[node, slot]` link carries, once its node has run.
+    fn link_output(&self, link: &Value) -> Option<&Out> {
+        let source = link.get(0)?;
+        let source = source
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| source.to_string());
+        let slot = link.get(1)?.as_u64()? as usize;
+        self.results.get(&source)?.get(slot)
     }
 
     /// One progress tick: progress_state, then `progress` and a type-1
