@@ -42,9 +42,17 @@ impl Harness {
         assert_eq!(stream.sid(), Some(client_id.as_str()));
         let (events, _) = broadcast::channel(4096);
         let sender = events.clone();
+        let (url, id) = (sim.url(), client_id.clone());
         actix_rt::spawn(async move {
-            while let Some(Ok(event)) = stream.next().await {
-                let _ = sender.send(event);
+            loop {
+                while let Some(Ok(event)) = stream.next().await {
+                    let _ = sender.send(event);
+                }
+                // Like the node: reconnect with the same client id (j_reconnect).
+                stream = match connect_events(&url, &id).await {
+                    Ok(stream) => stream,
+                    Err(_) => return,
+                };
             }
         });
         let dir = tempfile::tempdir().expect("temp dir");
@@ -370,5 +378,20 @@ async fn a_prompt_the_server_forgot_is_lost() {
     let err = outcome.expect_err("the prompt is gone");
     assert!(matches!(err, JobError::Lost { .. }), "{err:?}");
     assert!(err.is_retryable());
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_job_survives_its_socket_dropping() {
+    let node = Harness::start(fast()).await;
+    // The simulator closes the socket after the first node and never resends that prompt's
+    // events: the reconnection's first status makes the job check the history.
+    node.sim.control(ComfyControl {
+        drop_socket_next: Some(1),
+        ..ComfyControl::default()
+    });
+    let (outcome, _) = node.run(&job(basic_prompt())).await;
+    assert_eq!(outcome.expect("finished after the reconnect").len(), 1);
+    assert!(node.sim.ws_connections() >= 2);
     node.sim.stop().await;
 }

@@ -378,12 +378,11 @@ async fn follow(
     let mut ours_running = false;
     let mut unknown_checks = 0;
     let mut succeeded = false;
+    // After a reconnect the prompt's events may be gone for good; check with a growing pause
+    // until one of its events shows up again.
+    let mut quiet = QUIET_CHECK;
     let signal = loop {
-        let wait = if succeeded {
-            SUCCESS_GRACE
-        } else {
-            QUIET_CHECK
-        };
+        let wait = if succeeded { SUCCESS_GRACE } else { quiet };
         let event = match tokio::time::timeout(wait, events.recv()).await {
             Ok(Ok(event)) => event,
             Ok(Err(RecvError::Lagged(missed))) => {
@@ -403,13 +402,27 @@ async fn follow(
                 debug!("no event for a while; checking history");
                 match check(client, prompt_id, &mut unknown_checks).await? {
                     Some(entry) => return Ok(entry),
-                    None => continue,
+                    None => {
+                        quiet = (quiet * 2).min(QUIET_CHECK);
+                        continue;
+                    }
                 }
             }
         };
         let named = event.prompt_id();
         let ours = named == Some(prompt_id) || (named.is_none() && ours_running);
+        if named == Some(prompt_id) {
+            quiet = QUIET_CHECK;
+        }
         match event {
+            // Only the first status of a connection has `sid`: the node's socket reconnected.
+            ComfyEvent::Status { sid: Some(_), .. } => {
+                debug!("event socket reconnected; checking history");
+                if let Some(entry) = check(client, prompt_id, &mut unknown_checks).await? {
+                    return Ok(entry);
+                }
+                quiet = POLL_MIN;
+            }
             ComfyEvent::ExecutionStart { prompt_id: ref id } => {
                 ours_running = id == prompt_id;
                 if ours_running {

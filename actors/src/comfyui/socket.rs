@@ -38,7 +38,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// (servers that do not know the message ignore it).
 const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
 
-/// The events of one ComfyUI socket, starting after the first `status` frame.
+/// The events of one ComfyUI socket, starting with the first `status` frame (the one with
+/// `sid`, which [`run_job`](super::run_job) reads as "the socket reconnected").
 ///
 /// Yields `Err` once when the socket fails or closes (for a node, a closed ComfyUI socket is
 /// always worth reconnecting), then ends. Not `Send`: see the module doc.
@@ -123,11 +124,19 @@ pub async fn connect_events(base: &Url, client_id: &str) -> Result<EventStream, 
         .map_err(|_| ws_error("no status frame in time".into()))??;
     debug!(url = %url, sid = ?sid, "ComfyUI socket connected");
 
-    let inner = futures_util::stream::unfold(reader, |mut reader| async move {
+    // The first status is yielded too: it is the only one carrying `sid`, so whoever reads the
+    // events can tell a (re)connection happened and events may have been missed.
+    let first = ComfyEvent::Status {
+        queue_remaining,
+        sid: sid.clone(),
+    };
+    let rest = futures_util::stream::unfold(reader, |mut reader| async move {
         let item = reader.next_event().await?;
         Some((item, reader))
-    })
-    .boxed_local();
+    });
+    let inner = futures_util::stream::once(async move { Ok(first) })
+        .chain(rest)
+        .boxed_local();
     Ok(EventStream {
         sid,
         queue_remaining,
