@@ -395,3 +395,32 @@ async fn a_job_survives_its_socket_dropping() {
     assert!(node.sim.ws_connections() >= 2);
     node.sim.stop().await;
 }
+
+#[actix_rt::test]
+async fn an_interrupted_prompt_reports_interrupted() {
+    let node = Harness::start(fast()).await;
+    let prompt_id = uuid::Uuid::new_v4().to_string();
+    let (client, id) = (node.client.clone(), prompt_id.clone());
+    let mut asked = false;
+    let outcome = run_job(
+        &node.client,
+        &job(sampler_prompt(10_000)),
+        &prompt_id,
+        &node.client_id,
+        node.events.subscribe(),
+        node.store.artifacts(),
+        |progress| {
+            // e_interrupt: a targeted interrupt while the sampler runs.
+            if matches!(progress, JobProgress::Progress { .. }) && !asked {
+                asked = true;
+                let (client, id) = (client.clone(), id.clone());
+                actix_rt::spawn(async move { client.interrupt(&id).await });
+            }
+        },
+    )
+    .await;
+    let err = outcome.expect_err("interrupted");
+    assert!(matches!(err, JobError::Interrupted { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    node.sim.stop().await;
+}
