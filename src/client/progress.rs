@@ -20,6 +20,12 @@ use super::view;
 /// How often a spinner advances while a step waits or runs.
 const SPINNER_TICK: Duration = Duration::from_millis(120);
 
+/// Bar layouts: a spinner while waiting, a bar once progress is known, a still line at the
+/// end.
+const WAITING: &str = "{spinner} {prefix} {wide_msg}";
+const PROGRESSING: &str = "{spinner} {prefix} [{bar:30}] {pos}/{len} {wide_msg}";
+const FINISHED: &str = "  {prefix} {wide_msg}";
+
 /// A change worth showing, as decided by [`Tracker`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
@@ -261,11 +267,15 @@ impl StepDisplay {
     /// Bars when stderr is a terminal, plain lines on stderr otherwise.
     pub fn stderr() -> StepDisplay {
         if std::io::stderr().is_terminal() {
-            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-            StepDisplay::with_mode(Mode::Bars(multi))
+            StepDisplay::bars(ProgressDrawTarget::stderr())
         } else {
             StepDisplay::plain(Box::new(std::io::stderr()))
         }
+    }
+
+    /// Live bars drawn to `target`.
+    pub fn bars(target: ProgressDrawTarget) -> StepDisplay {
+        StepDisplay::with_mode(Mode::Bars(MultiProgress::with_draw_target(target)))
     }
 
     /// Plain lines to `out`; used for logs and by tests.
@@ -364,7 +374,7 @@ impl StepDisplay {
 
         let bar = self.bar(&change.step);
         if finished {
-            bar.set_style(style("  {prefix} {wide_msg}"));
+            bar.set_style(style(FINISHED));
             bar.disable_steady_tick();
             if change.state == "succeeded" {
                 bar.finish_with_message(text);
@@ -376,7 +386,7 @@ impl StepDisplay {
             if change.state == "queued" {
                 bar.reset();
             }
-            bar.set_style(style("{spinner} {prefix} {wide_msg}"));
+            bar.set_style(style(WAITING));
             bar.enable_steady_tick(SPINNER_TICK);
             bar.set_message(text);
         }
@@ -413,13 +423,18 @@ impl StepDisplay {
         let Mode::Bars(multi) = &self.mode else {
             return ProgressBar::hidden();
         };
-        let label = self.label(step);
-        if label.chars().count() > self.width {
-            self.width = label.chars().count();
-        }
         let bar = multi.add(ProgressBar::new(0));
-        bar.set_prefix(format!("{label:<width$}", width = self.width));
         self.bars.insert(step.to_owned(), bar.clone());
+        let len = self.label(step).chars().count();
+        if len > self.width {
+            // Re-pad every bar so the columns stay aligned as longer names appear.
+            self.width = len;
+            for (step, bar) in &self.bars {
+                bar.set_prefix(format!("{:<width$}", self.label(step), width = self.width));
+            }
+        } else {
+            bar.set_prefix(format!("{:<width$}", self.label(step), width = self.width));
+        }
         bar
     }
 }
@@ -508,6 +523,35 @@ mod tests {
         let changes = tracker.event(&tick);
         assert_eq!(step_states(&changes), ["v:running#2"]);
         assert!(matches!(changes.last(), Some(Change::Progress { value, .. }) if *value == 3.0));
+    }
+
+    #[test]
+    fn bars_take_every_kind_of_change() {
+        for template in [WAITING, PROGRESSING, FINISHED] {
+            assert!(ProgressStyle::with_template(template).is_ok(), "{template}");
+        }
+        let mut display = StepDisplay::bars(ProgressDrawTarget::hidden());
+        let mut tracker = Tracker::new("r1");
+        let mut show = |event: Value| display.show(&tracker.event(&event));
+        let step = |state: &str, attempt: u64| {
+            json!({"type": "step_state", "run_id": "r1", "step_id": "v", "state": state,
+                   "node": "box1", "attempt": attempt, "error": {"message": "oom"}})
+        };
+        show(step("queued", 1));
+        show(
+            json!({"type": "step_progress", "run_id": "r1", "step_id": "v", "value": 5,
+                    "max": 0}),
+        );
+        show(
+            json!({"type": "step_progress", "run_id": "r1", "step_id": "v", "value": 5,
+                    "max": 10}),
+        );
+        show(step("failed", 1));
+        show(step("queued", 2));
+        show(json!({"type": "step_notice", "run_id": "r1", "step_id": "v", "message": "hi"}));
+        show(step("succeeded", 2));
+        show(json!({"type": "run_state", "run_id": "r1", "state": "succeeded"}));
+        display.finish();
     }
 
     #[test]
