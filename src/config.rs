@@ -194,7 +194,10 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
             bail!("node name {:?} appears twice in [[nodes]]", node.name);
         }
         if node.comfyui.is_none() && node.langflow.is_none() {
-            bail!("node {}: needs a [nodes.comfyui] or [nodes.langflow] section", node.name);
+            bail!(
+                "node {}: needs a [nodes.comfyui] or [nodes.langflow] section",
+                node.name
+            );
         }
         let comfyui = match &node.comfyui {
             Some(section) => Some(resolve_comfy(node, section, &mut sims).await?),
@@ -215,7 +218,11 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
         });
     }
     let config = ClusterConfig {
-        default_image_template: file.templates.image.clone().unwrap_or("flux-txt2img".into()),
+        default_image_template: file
+            .templates
+            .image
+            .clone()
+            .unwrap_or("flux-txt2img".into()),
         default_video_template: file.templates.video.clone().unwrap_or("wan21-i2v".into()),
         nodes,
     };
@@ -240,13 +247,18 @@ async fn resolve_comfy(
             }
             let started = ComfySim::start(sim, loopback_any_port())
                 .await
-                .with_context(|| format!("node {}: cannot start the ComfyUI simulator", node.name))?;
+                .with_context(|| {
+                    format!("node {}: cannot start the ComfyUI simulator", node.name)
+                })?;
             let url = started.url();
             info!(node = %node.name, %url, "ComfyUI simulator started");
             sims.comfyui.push(started);
             url
         }
-        _ => bail!("node {}: [nodes.comfyui] needs exactly one of `url` and `simulate`", node.name),
+        _ => bail!(
+            "node {}: [nodes.comfyui] needs exactly one of `url` and `simulate`",
+            node.name
+        ),
     };
     Ok(ComfyServiceConfig {
         url,
@@ -262,7 +274,10 @@ async fn resolve_langflow(
 ) -> anyhow::Result<LangflowServiceConfig> {
     let mut api_key = match &section.api_key_env {
         Some(var) => Some(std::env::var(var).with_context(|| {
-            format!("node {}: [nodes.langflow] api_key_env names {var}, which is not set", node.name)
+            format!(
+                "node {}: [nodes.langflow] api_key_env names {var}, which is not set",
+                node.name
+            )
         })?),
         None => None,
     };
@@ -274,17 +289,26 @@ async fn resolve_langflow(
                 sim.api_key = api_key.clone();
             }
             api_key = sim.api_key.clone();
-            let started = LangflowSim::start(sim, loopback_any_port()).await.with_context(|| {
-                format!("node {}: cannot start the LangFlow simulator", node.name)
-            })?;
+            let started = LangflowSim::start(sim, loopback_any_port())
+                .await
+                .with_context(|| {
+                    format!("node {}: cannot start the LangFlow simulator", node.name)
+                })?;
             let url = started.url();
             info!(node = %node.name, %url, "LangFlow simulator started");
             sims.langflow.push(started);
             url
         }
-        _ => bail!("node {}: [nodes.langflow] needs exactly one of `url` and `simulate`", node.name),
+        _ => bail!(
+            "node {}: [nodes.langflow] needs exactly one of `url` and `simulate`",
+            node.name
+        ),
     };
-    Ok(LangflowServiceConfig { url, api_key, flows: section.flows.clone() })
+    Ok(LangflowServiceConfig {
+        url,
+        api_key,
+        flows: section.flows.clone(),
+    })
 }
 
 fn loopback_any_port() -> SocketAddr {

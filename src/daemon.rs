@@ -34,18 +34,21 @@ pub struct RunningDaemon {
 impl RunningDaemon {
     /// The base URL of the REST API and WebSocket.
     pub fn url(&self) -> url::Url {
-        url::Url::parse(&format!("http://{}/", self.addr)).expect("a socket address is a valid URL host")
+        url::Url::parse(&format!("http://{}/", self.addr))
+            .expect("a socket address is a valid URL host")
     }
 
     /// Stops the HTTP server and the simulators this daemon started.
     pub async fn stop(self) {
         self.server.stop(true).await;
-        for sim in self.sims.comfyui {
-            sim.stop().await;
-        }
-        for sim in self.sims.langflow {
-            sim.stop().await;
-        }
+        // Each simulator waits for its connections to close; stop them all at once.
+        let comfyui = self.sims.comfyui.into_iter().map(|sim| sim.stop());
+        let langflow = self.sims.langflow.into_iter().map(|sim| sim.stop());
+        futures_util::future::join(
+            futures_util::future::join_all(comfyui),
+            futures_util::future::join_all(langflow),
+        )
+        .await;
     }
 }
 
@@ -82,5 +85,78 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
     info!(%addr, "multiplex daemon listening");
     let handle = server.handle();
     actix_rt::spawn(server);
-    Ok(RunningDaemon { addr, data_dir, cluster, server: handle, sims })
+    Ok(RunningDaemon {
+        addr,
+        data_dir,
+        cluster,
+        server: handle,
+        sims,
+    })
+}
+
+/// A daemon running in an actix system of its own, on its own thread: what a separate
+/// process would be, minus the process. Stopping it drops every actor, so its store is
+/// closed and another daemon can open the same data directory (tests restart this way).
+pub struct DaemonThread {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DaemonThread {
+    /// Starts a daemon on a new thread and returns once it listens (or failed to start).
+    pub fn spawn(options: DaemonOptions) -> anyhow::Result<DaemonThread> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("multiplex-daemon".into())
+            .spawn(move || {
+                actix_rt::System::new().block_on(async move {
+                    let daemon = match start(options).await {
+                        Ok(daemon) => daemon,
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(err));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((daemon.addr, daemon.data_dir.clone())));
+                    let _ = stop_rx.await;
+                    daemon.stop().await;
+                });
+            })?;
+        let (addr, data_dir) = match ready_rx.recv() {
+            Ok(result) => result?,
+            Err(_) => anyhow::bail!("the daemon thread ended before it started listening"),
+        };
+        Ok(DaemonThread {
+            addr,
+            data_dir,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the daemon and waits until its thread, and with it every actor, is gone.
+    pub async fn stop(mut self) {
+        self.shutdown();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for DaemonThread {
+    fn drop(&mut self) {
+        self.shutdown();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

@@ -40,7 +40,9 @@ pub struct Limits {
 
 impl Limits {
     pub fn from_config(daemon: &DaemonSection) -> Limits {
-        Limits { max_body_bytes: daemon.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY) }
+        Limits {
+            max_body_bytes: daemon.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+        }
     }
 }
 

@@ -8,9 +8,6 @@
 //! The binary (`src/main.rs`) only parses the command line and calls into these.
 
 pub mod client;
-#[cfg(feature = "wip-daemon")]
 pub mod config;
-#[cfg(feature = "wip-daemon")]
 pub mod daemon;
-#[cfg(feature = "wip-daemon")]
 pub mod http;

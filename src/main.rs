@@ -1,1 +1,338 @@
-fn main() {}
+//! The `multiplex` command: the daemon, its CLI clients, the demo and the simulators.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use multiplex::client::{self, DaemonClient};
+use multiplex::config;
+use multiplex::daemon::{self, DaemonOptions};
+use tracing_subscriber::EnvFilter;
+use url::Url;
+
+/// Coordination daemon for a small GPU cluster running ComfyUI and LangFlow.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (on the built-in simulated cluster unless --config names another).
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, e.g. 127.0.0.1:7700 (port 0 picks a free one).
+        #[arg(long)]
+        bind: Option<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Start a daemon on the built-in simulated cluster, run the example workflow with live
+    /// progress, print where each artifact is, and exit.
+    Demo {
+        /// Where the demo keeps its store and artifacts.
+        #[arg(long, default_value = "multiplex-demo-data")]
+        data_dir: PathBuf,
+        /// A workflow file to run instead of the built-in example.
+        #[arg(long)]
+        workflow: Option<PathBuf>,
+    },
+    /// Submit a workflow file to a running daemon.
+    Submit {
+        file: PathBuf,
+        /// Follow the run with progress bars until it ends.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Show recent runs, or one run's steps.
+    Status {
+        run: Option<String>,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Cancel a run.
+    Cancel {
+        run: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Show the cluster's nodes.
+    Nodes {
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Run a protocol-faithful simulator of a service, for tests and demos without GPUs.
+    Sim {
+        #[command(subcommand)]
+        service: SimService,
+    },
+}
+
+#[derive(clap::Args)]
+struct Server {
+    /// The daemon's base URL.
+    #[arg(long, env = "MULTIPLEX_URL", default_value = "http://127.0.0.1:7700")]
+    url: Url,
+}
+
+#[derive(Subcommand)]
+enum SimService {
+    /// A ComfyUI simulator (REST + WebSocket, as ComfyUI 0.3 speaks them).
+    Comfyui {
+        #[arg(long, default_value_t = 8188)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+    },
+    /// A LangFlow simulator (the run API of LangFlow 1.x).
+    Langflow {
+        #[arg(long, default_value_t = 7860)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Commands that draw progress bars keep logs to what needs attention, so bars stay
+    // readable; the step's own errors are part of what they print.
+    let default_level = match cli.command {
+        Command::Demo { .. } => "error",
+        Command::Submit { .. } => "warn",
+        _ => "info",
+    };
+    init_tracing(default_level);
+    let result = actix_rt::System::new().block_on(run(cli.command));
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; RUST_LOG overrides the level.
+fn init_tracing(default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    match command {
+        Command::Serve {
+            config,
+            bind,
+            data_dir,
+        } => {
+            let daemon = daemon::start(DaemonOptions {
+                config,
+                bind,
+                data_dir,
+            })
+            .await?;
+            tracing::info!(url = %daemon.url(), "ready; press Ctrl-C to stop");
+            tokio::signal::ctrl_c()
+                .await
+                .context("cannot wait for Ctrl-C")?;
+            daemon.stop().await;
+        }
+        Command::Demo { data_dir, workflow } => return demo(data_dir, workflow).await,
+        Command::Submit { file, wait, server } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let workflow: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", file.display()))?;
+            let daemon = DaemonClient::new(server.url.clone());
+            let run = daemon.submit(&workflow).await?;
+            let id = run["id"].as_str().unwrap_or_default().to_string();
+            // Ignore a closed pipe (`| head`): the run was submitted either way.
+            let _ = writeln!(std::io::stdout(), "submitted run {id}");
+            if wait {
+                let finished = client::follow_run(&daemon, &id).await?;
+                client::print_run_summary(&finished, &server.url, None);
+                return Ok(exit_code_for(&finished));
+            }
+        }
+        Command::Status { run, server } => {
+            let daemon = DaemonClient::new(server.url);
+            match run {
+                Some(id) => client::print_run_table(&daemon.run(&id).await?),
+                None => client::print_runs_table(&daemon.runs(50).await?),
+            }
+        }
+        Command::Cancel { run, server } => {
+            let daemon = DaemonClient::new(server.url);
+            client::print_run_table(&daemon.cancel(&run).await?);
+        }
+        Command::Nodes { server } => {
+            let daemon = DaemonClient::new(server.url);
+            client::print_nodes_table(&daemon.nodes().await?);
+        }
+        Command::Sim { service } => match service {
+            SimService::Comfyui { port, host } => {
+                let addr = SocketAddr::new(host, port);
+                multiplex_sim::serve_comfyui_forever(Default::default(), addr).await?;
+            }
+            SimService::Langflow { port, host } => {
+                let addr = SocketAddr::new(host, port);
+                multiplex_sim::serve_langflow_forever(Default::default(), addr).await?;
+            }
+        },
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Exit 0 only when the run succeeded, so scripts can rely on `submit --wait`.
+fn exit_code_for(run: &serde_json::Value) -> std::process::ExitCode {
+    if run["state"] == "succeeded" {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// The whole system on one machine: simulated cluster, daemon, the example workflow.
+async fn demo(
+    data_dir: PathBuf,
+    workflow: Option<PathBuf>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let document: serde_json::Value = match &workflow {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?
+        }
+        None => serde_json::from_str(&config::embedded_text("workflows/lighthouse.json")?)
+            .context("the built-in example workflow is not JSON")?,
+    };
+    let options = DaemonOptions {
+        config: None,
+        bind: Some("127.0.0.1:0".into()),
+        data_dir: Some(data_dir.clone()),
+    };
+    let daemon = daemon::start(options).await?;
+    let url = daemon.url();
+    eprintln!(
+        "multiplex demo: daemon on {url}, data in {}",
+        data_dir.display()
+    );
+
+    let client = DaemonClient::new(url.clone());
+    wait_for_nodes(&client).await?;
+    let run = client.submit(&document).await?;
+    let id = run["id"].as_str().unwrap_or_default().to_string();
+    eprintln!(
+        "submitted run {id} ({})",
+        run["name"].as_str().unwrap_or("untitled")
+    );
+    let finished = client::follow_run(&client, &id).await;
+    let code = match &finished {
+        Ok(run) => {
+            client::print_run_summary(run, &url, None);
+            let outputs = data_dir.join("outputs").join(&id);
+            match export_artifacts(run, &data_dir, &outputs) {
+                Ok(files) => print_exported(&outputs, &files),
+                Err(err) => eprintln!("could not copy the artifacts out: {err:#}"),
+            }
+            exit_code_for(run)
+        }
+        Err(_) => std::process::ExitCode::FAILURE,
+    };
+    daemon.stop().await;
+    finished.map(|_| code)
+}
+
+/// Links every step's artifacts into `outputs` as `<step>-<file name>`, so they can be
+/// opened by name and extension (the store keeps them under their hash). Returns
+/// `(step, kind, path)` for each.
+fn export_artifacts(
+    run: &serde_json::Value,
+    data_dir: &Path,
+    outputs: &Path,
+) -> anyhow::Result<Vec<(String, String, PathBuf)>> {
+    std::fs::create_dir_all(outputs)
+        .with_context(|| format!("cannot create {}", outputs.display()))?;
+    let mut exported = Vec::new();
+    let steps = run["steps"].as_array().cloned().unwrap_or_default();
+    // The output step re-lists its inputs' artifacts; link each file once, under its maker.
+    for step in steps.iter().filter(|step| step["kind"] != "output") {
+        let step_id = step["id"].as_str().unwrap_or("step");
+        for artifact in step["artifacts"].as_array().into_iter().flatten() {
+            let (Some(id), Some(filename)) =
+                (artifact["id"].as_str(), artifact["filename"].as_str())
+            else {
+                continue;
+            };
+            let Some(source) = artifact_file(data_dir, id) else {
+                continue;
+            };
+            let name = safe_file_name(&format!("{step_id}-{filename}"));
+            let target = outputs.join(name);
+            if !target.exists() && std::fs::hard_link(&source, &target).is_err() {
+                std::fs::copy(&source, &target)
+                    .with_context(|| format!("cannot copy {}", source.display()))?;
+            }
+            let kind = artifact["kind"].as_str().unwrap_or("data").to_string();
+            exported.push((step_id.to_string(), kind, target));
+        }
+    }
+    Ok(exported)
+}
+
+/// The stored file of an artifact; ids are hex digests, anything else is refused.
+fn artifact_file(data_dir: &Path, id: &str) -> Option<PathBuf> {
+    let valid = id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    valid.then(|| data_dir.join("artifacts").join(&id[..2]).join(id))
+}
+
+/// Keeps a file name to letters, digits and `._-`, so names from services stay in the folder.
+fn safe_file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn print_exported(outputs: &Path, files: &[(String, String, PathBuf)]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\nartifacts in {}:", outputs.display());
+    for (step, kind, path) in files {
+        let _ = writeln!(out, "  {step:<10} {kind:<6} {}", path.display());
+    }
+}
+
+/// Simulated nodes come up within moments; waiting for them keeps the demo's first steps
+/// from queueing behind node startup.
+async fn wait_for_nodes(client: &DaemonClient) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let nodes = client.nodes().await?;
+        let list = nodes["nodes"].as_array().cloned().unwrap_or_default();
+        if !list.is_empty() && list.iter().all(|node| node["available"] == true) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("simulated nodes did not become available: {nodes}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -22,7 +22,11 @@ pub const HISTORY_LEN: usize = 2048;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Activity {
     /// A run was accepted and stored.
-    RunSubmitted { run_id: String, name: String, steps: Vec<String> },
+    RunSubmitted {
+        run_id: String,
+        name: String,
+        steps: Vec<String>,
+    },
     /// A run changed state.
     RunState {
         run_id: String,
@@ -55,9 +59,18 @@ pub enum Activity {
         detail: Option<String>,
     },
     /// A preview image from a running step, base64-encoded.
-    StepPreview { run_id: String, step_id: String, mime: String, data: String },
+    StepPreview {
+        run_id: String,
+        step_id: String,
+        mime: String,
+        data: String,
+    },
     /// A non-fatal remark about a step, e.g. ComfyUI dropping some outputs of a prompt.
-    StepNotice { run_id: String, step_id: String, message: String },
+    StepNotice {
+        run_id: String,
+        step_id: String,
+        message: String,
+    },
     /// A node's health or availability changed.
     NodeState {
         node: String,
@@ -165,11 +178,17 @@ pub struct ActivityHub {
 impl ActivityHub {
     fn deliver(subscriber: &mut Subscriber, event: &ActivityEvent) -> bool {
         if subscriber.missed > 0
-            && subscriber.recipient.try_send(Delivery::Missed(subscriber.missed)).is_ok()
+            && subscriber
+                .recipient
+                .try_send(Delivery::Missed(subscriber.missed))
+                .is_ok()
         {
             subscriber.missed = 0;
         }
-        match subscriber.recipient.try_send(Delivery::Event(event.clone())) {
+        match subscriber
+            .recipient
+            .try_send(Delivery::Event(event.clone()))
+        {
             Ok(()) => true,
             Err(SendError::Full(_)) => {
                 subscriber.missed += 1;
@@ -196,7 +215,11 @@ impl Handler<Publish> for ActivityHub {
 
     fn handle(&mut self, Publish(activity): Publish, _ctx: &mut Self::Context) {
         self.next_seq += 1;
-        let event = ActivityEvent { seq: self.next_seq, at: OffsetDateTime::now_utc(), activity };
+        let event = ActivityEvent {
+            seq: self.next_seq,
+            at: OffsetDateTime::now_utc(),
+            activity,
+        };
         self.subscribers.retain(|_, subscriber| {
             !subscriber.filter.matches(&event.activity) || Self::deliver(subscriber, &event)
         });
@@ -212,7 +235,11 @@ impl Handler<Subscribe> for ActivityHub {
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> u64 {
         self.next_subscriber += 1;
-        let mut subscriber = Subscriber { recipient: msg.recipient, filter: msg.filter, missed: 0 };
+        let mut subscriber = Subscriber {
+            recipient: msg.recipient,
+            filter: msg.filter,
+            missed: 0,
+        };
         if let Some(after) = msg.replay_after {
             for event in self.recent.iter().filter(|event| event.seq > after) {
                 if subscriber.filter.matches(&event.activity) {

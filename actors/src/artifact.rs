@@ -51,7 +51,11 @@ impl ArtifactMeta {
 
 /// Guesses the MIME type and artifact kind from a file name's extension.
 pub fn classify_filename(filename: &str) -> (ArtifactKind, &'static str) {
-    let ext = filename.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+    let ext = filename
+        .rsplit('.')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match ext.as_str() {
         "png" => (ArtifactKind::Image, "image/png"),
         "jpg" | "jpeg" => (ArtifactKind::Image, "image/jpeg"),

@@ -48,15 +48,25 @@ impl Cluster {
             let node_config = node.clone();
             let (sched, hub_addr, files) =
                 (scheduler.clone(), hub.clone(), store.artifacts().clone());
-            let addr = Supervisor::start(move |_| {
-                GpuNode::new(node_config, sched, hub_addr, files)
+            let addr =
+                Supervisor::start(move |_| GpuNode::new(node_config, sched, hub_addr, files));
+            scheduler.do_send(RegisterNode {
+                config: node.clone(),
+                addr,
             });
-            scheduler.do_send(RegisterNode { config: node.clone(), addr });
         }
         let catalog = Arc::new(Catalog::new(&config, templates));
-        let services =
-            RunServices { store, catalog, scheduler, hub, registry: RunRegistry::default() };
-        Cluster { services, config: Arc::new(config) }
+        let services = RunServices {
+            store,
+            catalog,
+            scheduler,
+            hub,
+            registry: RunRegistry::default(),
+        };
+        Cluster {
+            services,
+            config: Arc::new(config),
+        }
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -79,8 +89,8 @@ impl Cluster {
     /// record is what was stored: answering only after the write is what makes an
     /// acknowledged run survive a crash.
     pub async fn submit(&self, document: serde_json::Value) -> Result<RunRecord, ClusterError> {
-        let plan = plan_workflow(&document, &self.services.catalog)
-            .map_err(ClusterError::Invalid)?;
+        let plan =
+            plan_workflow(&document, &self.services.catalog).map_err(ClusterError::Invalid)?;
         let id = uuid::Uuid::now_v7().to_string();
         let record = WorkflowRun::new_record(id, &plan, document);
         self.services.store.save_run(&record).await?;
@@ -96,7 +106,10 @@ impl Cluster {
                 return Ok(record);
             }
         }
-        self.services.store.get_run(id)?.ok_or_else(|| ClusterError::NotFound(id.to_string()))
+        self.services
+            .store
+            .get_run(id)?
+            .ok_or_else(|| ClusterError::NotFound(id.to_string()))
     }
 
     /// Stored runs, newest first.
@@ -109,18 +122,29 @@ impl Cluster {
         let Some(addr) = self.services.registry.get(id) else {
             let record = self.services.store.get_run(id)?;
             return match record {
-                Some(record) => Err(ClusterError::AlreadyEnded { id: id.into(), state: record.state }),
+                Some(record) => Err(ClusterError::AlreadyEnded {
+                    id: id.into(),
+                    state: record.state,
+                }),
                 None => Err(ClusterError::NotFound(id.into())),
             };
         };
-        addr.send(CancelWorkflow).await.map_err(|_| ClusterError::ActorGone("run"))?;
+        addr.send(CancelWorkflow)
+            .await
+            .map_err(|_| ClusterError::ActorGone("run"))?;
         // The cancel handler persisted before answering the next message: read it back.
-        addr.send(Snapshot).await.map_err(|_| ClusterError::ActorGone("run"))
+        addr.send(Snapshot)
+            .await
+            .map_err(|_| ClusterError::ActorGone("run"))
     }
 
     /// Every node with its availability and load.
     pub async fn nodes(&self) -> Result<Vec<NodeView>, ClusterError> {
-        self.services.scheduler.send(ListNodes).await.map_err(|_| ClusterError::ActorGone("scheduler"))
+        self.services
+            .scheduler
+            .send(ListNodes)
+            .await
+            .map_err(|_| ClusterError::ActorGone("scheduler"))
     }
 
     /// How many runs are live.

@@ -17,18 +17,13 @@
 
 pub mod activity;
 pub mod artifact;
-#[cfg(feature = "wip-actors")]
 pub mod cluster;
 pub mod comfyui;
 pub mod config;
 pub mod langflow;
-#[cfg(feature = "wip-actors")]
 pub mod node;
-#[cfg(feature = "wip-actors")]
 pub mod run;
-#[cfg(feature = "wip-actors")]
 pub mod scheduler;
 pub mod store;
-#[cfg(feature = "wip-actors")]
 pub mod task;
 pub mod workflow;

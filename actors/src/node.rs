@@ -145,7 +145,9 @@ impl GpuNode {
     }
 
     fn free_slots(&self) -> u32 {
-        self.config.slot_count().saturating_sub(self.running.len() as u32)
+        self.config
+            .slot_count()
+            .saturating_sub(self.running.len() as u32)
     }
 
     /// Tells the scheduler (and the activity stream) about availability or slot changes.
@@ -156,8 +158,8 @@ impl GpuNode {
         if self.reported.as_ref() == Some(&now) {
             return;
         }
-        let availability_changed =
-            self.reported.as_ref().map(|(a, r, _)| (*a, r.clone())) != Some((available, reason.clone()));
+        let availability_changed = self.reported.as_ref().map(|(a, r, _)| (*a, r.clone()))
+            != Some((available, reason.clone()));
         self.reported = Some(now);
         if availability_changed {
             self.hub.do_send(Publish(Activity::NodeState {
@@ -180,7 +182,13 @@ impl GpuNode {
         let addr = ctx.address();
         actix::spawn(async move {
             let comfy = match comfy {
-                Some(client) => Some(client.system_stats().await.map(drop).map_err(|e| e.to_string())),
+                Some(client) => Some(
+                    client
+                        .system_stats()
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                ),
                 None => None,
             };
             let langflow = match langflow {
@@ -193,7 +201,9 @@ impl GpuNode {
 
     /// Opens the ComfyUI event socket and forwards its events until it closes.
     fn open_socket(&mut self, ctx: &mut Context<Self>) {
-        let Some(comfy) = self.comfy.as_mut() else { return };
+        let Some(comfy) = self.comfy.as_mut() else {
+            return;
+        };
         if comfy.socket_open || comfy.connecting {
             return;
         }
@@ -224,11 +234,17 @@ impl GpuNode {
             }
             Ok(())
         };
-        ctx.spawn(forward.into_actor(self).map(|result, act, ctx| act.socket_closed(result, ctx)));
+        ctx.spawn(
+            forward
+                .into_actor(self)
+                .map(|result, act, ctx| act.socket_closed(result, ctx)),
+        );
     }
 
     fn socket_closed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
-        let Some(comfy) = self.comfy.as_mut() else { return };
+        let Some(comfy) = self.comfy.as_mut() else {
+            return;
+        };
         comfy.socket_open = false;
         comfy.connecting = false;
         let delay = comfy.reconnect_delay;
@@ -257,7 +273,10 @@ impl GpuNode {
         let work = match self.prepare(task) {
             Ok(work) => work,
             Err(error) => {
-                let event = TaskEvent::Failed { error, retryable: false };
+                let event = TaskEvent::Failed {
+                    error,
+                    retryable: false,
+                };
                 self.finish(key, node, updates, event);
                 return;
             }
@@ -268,7 +287,15 @@ impl GpuNode {
                 act.finish(finish_key, act.config.name.clone(), task.updates, event);
             }
         }));
-        self.running.insert(key, RunningTask { handle, remote_id, comfy, updates });
+        self.running.insert(
+            key,
+            RunningTask {
+                handle,
+                remote_id,
+                comfy,
+                updates,
+            },
+        );
         self.report();
     }
 
@@ -281,39 +308,60 @@ impl GpuNode {
         let files = self.files.clone();
         match task.job.clone() {
             RemoteJob::Comfy(job) => {
-                let comfy = self.comfy.as_ref().ok_or_else(|| no_service(&node, "comfyui"))?;
+                let comfy = self
+                    .comfy
+                    .as_ref()
+                    .ok_or_else(|| no_service(&node, "comfyui"))?;
                 let client = comfy.client.clone();
                 let client_id = comfy.client_id.clone();
                 let events = comfy.events.subscribe();
                 Ok(Box::pin(async move {
                     if let Err(error) = confirm_placement(&task, &node).await {
-                        return TaskEvent::Failed { error, retryable: true };
+                        return TaskEvent::Failed {
+                            error,
+                            retryable: true,
+                        };
                     }
                     let updates = task.updates.clone();
                     let progress = |progress: JobProgress| {
                         let event = match progress {
                             JobProgress::Submitted { .. } => TaskEvent::Submitted,
                             JobProgress::Started => TaskEvent::Started,
-                            JobProgress::Progress { value, max, node: detail } => {
-                                TaskEvent::Progress { value, max, detail }
-                            }
+                            JobProgress::Progress {
+                                value,
+                                max,
+                                node: detail,
+                            } => TaskEvent::Progress { value, max, detail },
                             JobProgress::Preview { mime, bytes, .. } => {
                                 TaskEvent::Preview { mime, bytes }
                             }
                             JobProgress::Warning { message, .. } => TaskEvent::Notice(message),
                             _ => return,
                         };
-                        updates.do_send(TaskUpdate { key: task.key.clone(), node: node.clone(), event });
+                        updates.do_send(TaskUpdate {
+                            key: task.key.clone(),
+                            node: node.clone(),
+                            event,
+                        });
                     };
                     let outcome = comfyui::run_job(
-                        &client, &job, &task.remote_id, &client_id, events, &files, progress,
+                        &client,
+                        &job,
+                        &task.remote_id,
+                        &client_id,
+                        events,
+                        &files,
+                        progress,
                     )
                     .await;
                     match outcome {
                         Ok(artifacts) => TaskEvent::Succeeded { artifacts },
                         Err(err) => TaskEvent::Failed {
                             retryable: err.is_retryable(),
-                            error: StepError { message: err.to_string(), details: err.details() },
+                            error: StepError {
+                                message: err.to_string(),
+                                details: err.details(),
+                            },
                         },
                     }
                 }))
@@ -324,14 +372,21 @@ impl GpuNode {
                 let (Some(service), Some(state)) = (service, state) else {
                     return Err(no_service(&node, "langflow"));
                 };
-                let flow = service.flows.get(&job.flow).cloned().ok_or_else(|| StepError {
-                    message: format!("node {node} has no LangFlow flow named {}", job.flow),
-                    details: None,
-                })?;
+                let flow = service
+                    .flows
+                    .get(&job.flow)
+                    .cloned()
+                    .ok_or_else(|| StepError {
+                        message: format!("node {node} has no LangFlow flow named {}", job.flow),
+                        details: None,
+                    })?;
                 let client = state.client.clone();
                 Ok(Box::pin(async move {
                     if let Err(error) = confirm_placement(&task, &node).await {
-                        return TaskEvent::Failed { error, retryable: true };
+                        return TaskEvent::Failed {
+                            error,
+                            retryable: true,
+                        };
                     }
                     task.updates.do_send(TaskUpdate {
                         key: task.key.clone(),
@@ -345,7 +400,10 @@ impl GpuNode {
                         Err(err) => {
                             return TaskEvent::Failed {
                                 retryable: err.is_retryable(),
-                                error: StepError { message: err.to_string(), details: None },
+                                error: StepError {
+                                    message: err.to_string(),
+                                    details: None,
+                                },
                             }
                         }
                     };
@@ -358,9 +416,14 @@ impl GpuNode {
                         )
                         .await;
                     match stored {
-                        Ok(meta) => TaskEvent::Succeeded { artifacts: vec![meta] },
+                        Ok(meta) => TaskEvent::Succeeded {
+                            artifacts: vec![meta],
+                        },
                         Err(err) => TaskEvent::Failed {
-                            error: StepError { message: err.to_string(), details: None },
+                            error: StepError {
+                                message: err.to_string(),
+                                details: None,
+                            },
                             retryable: true,
                         },
                     }
@@ -369,15 +432,27 @@ impl GpuNode {
         }
     }
 
-    fn finish(&mut self, key: TaskKey, node: String, updates: Recipient<TaskUpdate>, event: TaskEvent) {
-        let done = TaskUpdate { key: key.clone(), node: node.clone(), event: copy_final(&event) };
+    fn finish(
+        &mut self,
+        key: TaskKey,
+        node: String,
+        updates: Recipient<TaskUpdate>,
+        event: TaskEvent,
+    ) {
+        let done = TaskUpdate {
+            key: key.clone(),
+            node: node.clone(),
+            event: copy_final(&event),
+        };
         self.scheduler.do_send(done);
         updates.do_send(TaskUpdate { key, node, event });
         self.report();
     }
 
     fn abort(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
-        let Some(task) = self.running.remove(&key) else { return };
+        let Some(task) = self.running.remove(&key) else {
+            return;
+        };
         ctx.cancel_future(task.handle);
         info!(node = %self.config.name, task = %key, "task aborted");
         if let (true, Some(comfy)) = (task.comfy, self.comfy.as_ref()) {
@@ -398,26 +473,41 @@ impl GpuNode {
 }
 
 fn no_service(node: &str, service: &str) -> StepError {
-    StepError { message: format!("node {node} runs no {service}"), details: None }
+    StepError {
+        message: format!("node {node} runs no {service}"),
+        details: None,
+    }
 }
 
 /// The scheduler only needs to know that a task ended; payloads stay with the run.
 fn copy_final(event: &TaskEvent) -> TaskEvent {
     match event {
-        TaskEvent::Succeeded { .. } => TaskEvent::Succeeded { artifacts: Vec::new() },
-        TaskEvent::Failed { error, retryable } => {
-            TaskEvent::Failed { error: error.clone(), retryable: *retryable }
-        }
+        TaskEvent::Succeeded { .. } => TaskEvent::Succeeded {
+            artifacts: Vec::new(),
+        },
+        TaskEvent::Failed { error, retryable } => TaskEvent::Failed {
+            error: error.clone(),
+            retryable: *retryable,
+        },
         _ => TaskEvent::Cancelled,
     }
 }
 
 async fn confirm_placement(task: &Task, node: &str) -> Result<(), StepError> {
-    let confirm = crate::task::ConfirmPlacement { key: task.key.clone(), node: node.to_string() };
+    let confirm = crate::task::ConfirmPlacement {
+        key: task.key.clone(),
+        node: node.to_string(),
+    };
     match task.placement.send(confirm).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(message)) => Err(StepError { message, details: None }),
-        Err(_) => Err(StepError { message: "the run stopped before the task started".into(), details: None }),
+        Ok(Err(message)) => Err(StepError {
+            message,
+            details: None,
+        }),
+        Err(_) => Err(StepError {
+            message: "the run stopped before the task started".into(),
+            details: None,
+        }),
     }
 }
 
@@ -452,7 +542,10 @@ impl Supervised for GpuNode {
                 key,
                 node: self.config.name.clone(),
                 event: TaskEvent::Failed {
-                    error: StepError { message: "node actor restarted".into(), details: None },
+                    error: StepError {
+                        message: "node actor restarted".into(),
+                        details: None,
+                    },
                     retryable: true,
                 },
             });
@@ -481,7 +574,9 @@ impl Handler<SocketOpened> for GpuNode {
     type Result = ();
 
     fn handle(&mut self, _msg: SocketOpened, _ctx: &mut Self::Context) {
-        let Some(comfy) = self.comfy.as_mut() else { return };
+        let Some(comfy) = self.comfy.as_mut() else {
+            return;
+        };
         info!(node = %self.config.name, "comfyui event socket open");
         comfy.socket_open = true;
         comfy.connecting = false;

@@ -54,7 +54,9 @@ impl RunRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Addr<WorkflowRun>>> {
         // The map stays consistent even if a holder panicked: every operation is one call.
-        self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.runs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -178,7 +180,9 @@ impl WorkflowRun {
         let mut changed = false;
         let mut ready = Vec::new();
         for planned in self.plan.steps() {
-            let Some(step) = self.record.step(&planned.id) else { continue };
+            let Some(step) = self.record.step(&planned.id) else {
+                continue;
+            };
             if step.state != StepState::Pending {
                 continue;
             }
@@ -188,7 +192,10 @@ impl WorkflowRun {
                 .iter()
                 .filter_map(|dep| self.record.step(dep).map(|s| s.state))
                 .collect();
-            if deps.iter().any(|s| s.is_terminal() && *s != StepState::Succeeded) {
+            if deps
+                .iter()
+                .any(|s| s.is_terminal() && *s != StepState::Succeeded)
+            {
                 if let Some(step) = self.record.step_mut(&planned.id) {
                     step.state = StepState::Skipped;
                     step.finished_at = Some(OffsetDateTime::now_utc());
@@ -211,11 +218,21 @@ impl WorkflowRun {
             self.prepare_step(step_id, ctx);
         }
         if changed {
-            for step in self.record.steps.iter().filter(|s| s.state == StepState::Skipped) {
+            for step in self
+                .record
+                .steps
+                .iter()
+                .filter(|s| s.state == StepState::Skipped)
+            {
                 self.publish_step(step);
             }
         }
-        if self.record.steps.iter().all(|step| step.state.is_terminal()) {
+        if self
+            .record
+            .steps
+            .iter()
+            .all(|step| step.state.is_terminal())
+        {
             self.finish_run(ctx);
         } else if changed {
             self.persist_then(ctx, |_, _| {});
@@ -224,7 +241,9 @@ impl WorkflowRun {
 
     /// Marks a step queued and renders it (reading its inputs) off the mailbox.
     fn prepare_step(&mut self, step_id: &str, ctx: &mut Context<Self>) {
-        let Some(planned) = self.plan.step(step_id) else { return };
+        let Some(planned) = self.plan.step(step_id) else {
+            return;
+        };
         let inputs = match self.input_artifacts(step_id) {
             Ok(inputs) => inputs,
             Err(error) => {
@@ -254,9 +273,13 @@ impl WorkflowRun {
     fn input_artifacts(&self, step_id: &str) -> Result<Vec<InputArtifact>, StepError> {
         let files = self.services.store.artifacts();
         let mut inputs = Vec::new();
-        let Some(planned) = self.plan.step(step_id) else { return Ok(inputs) };
+        let Some(planned) = self.plan.step(step_id) else {
+            return Ok(inputs);
+        };
         for input in &planned.inputs {
-            let Some(upstream) = self.record.step(&input.from) else { continue };
+            let Some(upstream) = self.record.step(&input.from) else {
+                continue;
+            };
             for meta in &upstream.artifacts {
                 inputs.push(InputArtifact {
                     from_step: input.from.clone(),
@@ -269,7 +292,12 @@ impl WorkflowRun {
         Ok(inputs)
     }
 
-    fn on_prepared(&mut self, step_id: String, outcome: Result<Prepared, StepError>, ctx: &mut Context<Self>) {
+    fn on_prepared(
+        &mut self,
+        step_id: String,
+        outcome: Result<Prepared, StepError>,
+        ctx: &mut Context<Self>,
+    ) {
         if self.record.state.is_terminal() {
             return;
         }
@@ -285,19 +313,26 @@ impl WorkflowRun {
 
     /// Records the remote id of a new attempt, then queues the task once that is durable.
     fn dispatch(&mut self, step_id: &str, ctx: &mut Context<Self>) {
-        let Some(job) = self.pending_jobs.get(step_id).cloned() else { return };
-        let Some(requirement) = self.plan.step(step_id).and_then(|s| s.requirement.clone())
-        else {
+        let Some(job) = self.pending_jobs.get(step_id).cloned() else {
+            return;
+        };
+        let Some(requirement) = self.plan.step(step_id).and_then(|s| s.requirement.clone()) else {
             return;
         };
         let remote_id = uuid::Uuid::new_v4().to_string();
         let run_id = self.record.id.clone();
-        let Some(step) = self.record.step_mut(step_id) else { return };
+        let Some(step) = self.record.step_mut(step_id) else {
+            return;
+        };
         step.attempts += 1;
         step.state = StepState::Queued;
         step.remote = Some(match requirement.service {
-            Service::ComfyUi => RemoteRef::Comfyui { prompt_id: remote_id.clone() },
-            Service::LangFlow => RemoteRef::Langflow { session_id: remote_id.clone() },
+            Service::ComfyUi => RemoteRef::Comfyui {
+                prompt_id: remote_id.clone(),
+            },
+            Service::LangFlow => RemoteRef::Langflow {
+                session_id: remote_id.clone(),
+            },
         });
         let key = TaskKey {
             run_id,
@@ -321,8 +356,15 @@ impl WorkflowRun {
         });
     }
 
-    fn succeed_step(&mut self, step_id: &str, artifacts: Vec<ArtifactMeta>, ctx: &mut Context<Self>) {
-        let Some(step) = self.record.step_mut(step_id) else { return };
+    fn succeed_step(
+        &mut self,
+        step_id: &str,
+        artifacts: Vec<ArtifactMeta>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(step) = self.record.step_mut(step_id) else {
+            return;
+        };
         if step.state.is_terminal() {
             return;
         }
@@ -341,7 +383,9 @@ impl WorkflowRun {
 
     fn fail_step(&mut self, step_id: &str, error: StepError, ctx: &mut Context<Self>) {
         warn!(run_id = %self.record.id, step = %step_id, error = %error.message, "step failed");
-        let Some(step) = self.record.step_mut(step_id) else { return };
+        let Some(step) = self.record.step_mut(step_id) else {
+            return;
+        };
         if step.state.is_terminal() {
             return;
         }
@@ -363,17 +407,32 @@ impl WorkflowRun {
     fn stop_remaining(&mut self, running_state: StepState) {
         let now = OffsetDateTime::now_utc();
         let mut any_remote = false;
-        for step in self.record.steps.iter_mut().filter(|s| !s.state.is_terminal()) {
+        for step in self
+            .record
+            .steps
+            .iter_mut()
+            .filter(|s| !s.state.is_terminal())
+        {
             any_remote |= step.state != StepState::Pending;
-            step.state =
-                if step.state == StepState::Pending { StepState::Skipped } else { running_state };
+            step.state = if step.state == StepState::Pending {
+                StepState::Skipped
+            } else {
+                running_state
+            };
             step.finished_at = Some(now);
         }
         if any_remote {
-            self.services.scheduler.do_send(CancelRun { run_id: self.record.id.clone() });
+            self.services.scheduler.do_send(CancelRun {
+                run_id: self.record.id.clone(),
+            });
         }
-        let ended: Vec<StepRecord> =
-            self.record.steps.iter().filter(|s| s.finished_at == Some(now)).cloned().collect();
+        let ended: Vec<StepRecord> = self
+            .record
+            .steps
+            .iter()
+            .filter(|s| s.finished_at == Some(now))
+            .cloned()
+            .collect();
         for step in &ended {
             self.publish_step(step);
         }
@@ -383,8 +442,16 @@ impl WorkflowRun {
         if self.record.state.is_terminal() {
             return;
         }
-        let all_succeeded = self.record.steps.iter().all(|s| s.state == StepState::Succeeded);
-        self.record.state = if all_succeeded { RunState::Succeeded } else { RunState::Failed };
+        let all_succeeded = self
+            .record
+            .steps
+            .iter()
+            .all(|s| s.state == StepState::Succeeded);
+        self.record.state = if all_succeeded {
+            RunState::Succeeded
+        } else {
+            RunState::Failed
+        };
         if !all_succeeded && self.record.error.is_none() {
             let failed: Vec<&str> = self
                 .record
@@ -415,7 +482,9 @@ impl WorkflowRun {
 
     fn on_task_update(&mut self, update: TaskUpdate, ctx: &mut Context<Self>) {
         let TaskUpdate { key, node, event } = update;
-        let Some(step) = self.record.step(&key.step_id) else { return };
+        let Some(step) = self.record.step(&key.step_id) else {
+            return;
+        };
         // Updates of an older attempt, or of a step that already ended, change nothing.
         if step.attempts != key.attempt || step.state.is_terminal() {
             debug!(task = %key, "stale task update ignored");
@@ -463,7 +532,9 @@ impl WorkflowRun {
     }
 
     fn set_step_state(&mut self, step_id: &str, state: StepState, ctx: &mut Context<Self>) {
-        let Some(step) = self.record.step_mut(step_id) else { return };
+        let Some(step) = self.record.step_mut(step_id) else {
+            return;
+        };
         if step.state == state {
             return;
         }
@@ -487,7 +558,10 @@ async fn prepare(
     mut inputs: Vec<InputArtifact>,
     run_name: &str,
 ) -> Result<Prepared, StepError> {
-    for input in inputs.iter_mut().filter(|i| i.meta.kind == ArtifactKind::Text) {
+    for input in inputs
+        .iter_mut()
+        .filter(|i| i.meta.kind == ArtifactKind::Text)
+    {
         if input.meta.size > MAX_TEXT_INPUT {
             return Err(StepError {
                 message: format!(
@@ -497,10 +571,12 @@ async fn prepare(
                 details: None,
             });
         }
-        let text = tokio::fs::read_to_string(&input.path).await.map_err(|err| StepError {
-            message: format!("cannot read the text from step {}: {err}", input.from_step),
-            details: None,
-        })?;
+        let text = tokio::fs::read_to_string(&input.path)
+            .await
+            .map_err(|err| StepError {
+                message: format!("cannot read the text from step {}: {err}", input.from_step),
+                details: None,
+            })?;
         input.text = Some(text);
     }
     let planned = plan.step(step_id).ok_or_else(|| StepError {
@@ -521,10 +597,15 @@ async fn prepare(
                     "text/plain; charset=utf-8",
                 )
                 .await
-                .map_err(|err| StepError { message: err.to_string(), details: None })?;
+                .map_err(|err| StepError {
+                    message: err.to_string(),
+                    details: None,
+                })?;
             Ok(Prepared::Done(vec![meta]))
         }
-        Job::Collect => Ok(Prepared::Done(inputs.into_iter().map(|input| input.meta).collect())),
+        Job::Collect => Ok(Prepared::Done(
+            inputs.into_iter().map(|input| input.meta).collect(),
+        )),
         Job::Comfy(job) => Ok(Prepared::Remote(RemoteJob::Comfy(job))),
         Job::Langflow(job) => Ok(Prepared::Remote(RemoteJob::Langflow(job))),
     }
@@ -608,10 +689,18 @@ impl Handler<ConfirmPlacement> for WorkflowRun {
 
     /// Records the node before the node sends anything; answers once that is durable.
     fn handle(&mut self, msg: ConfirmPlacement, _ctx: &mut Self::Context) -> Self::Result {
-        let current = self.record.step(&msg.key.step_id).map(|s| (s.attempts, s.state));
+        let current = self
+            .record
+            .step(&msg.key.step_id)
+            .map(|s| (s.attempts, s.state));
         match current {
             Some((attempt, state)) if attempt == msg.key.attempt && !state.is_terminal() => {}
-            _ => return Box::pin(fut::ready(Err(format!("task {} is no longer wanted", msg.key)))),
+            _ => {
+                return Box::pin(fut::ready(Err(format!(
+                    "task {} is no longer wanted",
+                    msg.key
+                ))))
+            }
         }
         if let Some(step) = self.record.step_mut(&msg.key.step_id) {
             step.state = StepState::Assigned;

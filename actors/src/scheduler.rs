@@ -105,14 +105,23 @@ impl NodeEntry {
             running: self.running.iter().map(ToString::to_string).collect(),
             services,
             capabilities,
-            gpus: self.config.gpus.iter().map(|gpu| gpu.model.clone()).collect(),
+            gpus: self
+                .config
+                .gpus
+                .iter()
+                .map(|gpu| gpu.model.clone())
+                .collect(),
             vram_mb: self.config.total_vram_mb(),
             recent_models: self.recent_models.iter().cloned().collect(),
         }
     }
 
     fn warm_models(&self, task: &Task) -> usize {
-        task.requirement.models.iter().filter(|m| self.recent_models.contains(m)).count()
+        task.requirement
+            .models
+            .iter()
+            .filter(|m| self.recent_models.contains(m))
+            .count()
     }
 }
 
@@ -144,7 +153,11 @@ impl Scheduler {
             .filter(|(_, node)| node.available && node.free_slots > 0)
             .filter(|(_, node)| task.requirement.satisfied_by(&node.config))
             .max_by_key(|(index, node)| {
-                (node.warm_models(task), node.free_slots, std::cmp::Reverse(*index))
+                (
+                    node.warm_models(task),
+                    node.free_slots,
+                    std::cmp::Reverse(*index),
+                )
             })
             .map(|(index, _)| index)
     }
@@ -182,7 +195,8 @@ impl Handler<RegisterNode> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: RegisterNode, _ctx: &mut Self::Context) {
-        self.nodes.retain(|node| node.config.name != msg.config.name);
+        self.nodes
+            .retain(|node| node.config.name != msg.config.name);
         self.nodes.push(NodeEntry {
             available: false,
             reason: Some("starting".into()),
@@ -199,7 +213,9 @@ impl Handler<NodeStatus> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: NodeStatus, _ctx: &mut Self::Context) {
-        let Some(node) = self.node_mut(&msg.node) else { return };
+        let Some(node) = self.node_mut(&msg.node) else {
+            return;
+        };
         if node.available != msg.available {
             info!(node = %msg.node, available = msg.available, reason = ?msg.reason,
                 "node availability changed");
@@ -240,8 +256,10 @@ impl Handler<CancelRun> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: CancelRun, _ctx: &mut Self::Context) {
-        let (cancelled, kept): (VecDeque<Task>, VecDeque<Task>) =
-            self.queue.drain(..).partition(|task| task.key.run_id == msg.run_id);
+        let (cancelled, kept): (VecDeque<Task>, VecDeque<Task>) = self
+            .queue
+            .drain(..)
+            .partition(|task| task.key.run_id == msg.run_id);
         self.queue = kept;
         for task in cancelled {
             task.updates.do_send(TaskUpdate {

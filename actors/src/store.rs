@@ -32,9 +32,15 @@ pub enum StoreError {
     #[error("store I/O on {what}: {source}")]
     Db { what: String, source: sled::Error },
     #[error("stored record {key} cannot be read: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("artifact file {path}: {source}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the store's background task failed: {0}")]
     Join(String),
 }
@@ -51,9 +57,11 @@ impl Store {
     /// Opens (or creates) the store in `data_dir`. Never wipes anything it cannot read.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let db_path = data_dir.join("db");
-        let open_error = |source| StoreError::Open { path: db_path.clone(), source };
-        std::fs::create_dir_all(data_dir)
-            .map_err(|err| open_error(sled::Error::Io(err)))?;
+        let open_error = |source| StoreError::Open {
+            path: db_path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(data_dir).map_err(|err| open_error(sled::Error::Io(err)))?;
         let db = sled::Config::new()
             .path(&db_path)
             .flush_every_ms(Some(200))
@@ -84,7 +92,10 @@ impl Store {
         })?;
         self.runs
             .insert(run.id.as_bytes(), json)
-            .map_err(|source| StoreError::Db { what: format!("run {}", run.id), source })?;
+            .map_err(|source| StoreError::Db {
+                what: format!("run {}", run.id),
+                source,
+            })?;
         Ok(())
     }
 
@@ -94,14 +105,20 @@ impl Store {
             .flush_async()
             .await
             .map(drop)
-            .map_err(|source| StoreError::Db { what: "flush".into(), source })
+            .map_err(|source| StoreError::Db {
+                what: "flush".into(),
+                source,
+            })
     }
 
     pub fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
         let value = self
             .runs
             .get(id.as_bytes())
-            .map_err(|source| StoreError::Db { what: format!("run {id}"), source })?;
+            .map_err(|source| StoreError::Db {
+                what: format!("run {id}"),
+                source,
+            })?;
         value.map(|bytes| decode_run(id, &bytes)).transpose()
     }
 
@@ -117,8 +134,10 @@ impl Store {
         };
         let mut runs = Vec::new();
         for entry in range.rev().take(limit) {
-            let (key, value) =
-                entry.map_err(|source| StoreError::Db { what: "run listing".into(), source })?;
+            let (key, value) = entry.map_err(|source| StoreError::Db {
+                what: "run listing".into(),
+                source,
+            })?;
             runs.push(decode_run(&String::from_utf8_lossy(&key), &value)?);
         }
         Ok(runs)
@@ -128,8 +147,10 @@ impl Store {
     pub fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
         let mut runs = Vec::new();
         for entry in self.runs.iter() {
-            let (key, value) =
-                entry.map_err(|source| StoreError::Db { what: "run scan".into(), source })?;
+            let (key, value) = entry.map_err(|source| StoreError::Db {
+                what: "run scan".into(),
+                source,
+            })?;
             let run = decode_run(&String::from_utf8_lossy(&key), &value)?;
             if !run.state.is_terminal() {
                 runs.push(run);
@@ -140,5 +161,8 @@ impl Store {
 }
 
 fn decode_run(key: &str, bytes: &[u8]) -> Result<RunRecord, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.into(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.into(),
+        source,
+    })
 }

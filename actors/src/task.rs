@@ -44,7 +44,10 @@ pub struct Task {
 
 impl std::fmt::Debug for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Task").field("key", &self.key).field("remote_id", &self.remote_id).finish()
+        f.debug_struct("Task")
+            .field("key", &self.key)
+            .field("remote_id", &self.remote_id)
+            .finish()
     }
 }
 
@@ -72,10 +75,22 @@ pub enum TaskEvent {
     Submitted,
     /// The service started executing it.
     Started,
-    Progress { value: f64, max: f64, detail: Option<String> },
-    Preview { mime: String, bytes: bytes::Bytes },
+    Progress {
+        value: f64,
+        max: f64,
+        detail: Option<String>,
+    },
+    Preview {
+        mime: String,
+        bytes: bytes::Bytes,
+    },
     Notice(String),
-    Succeeded { artifacts: Vec<ArtifactMeta> },
-    Failed { error: StepError, retryable: bool },
+    Succeeded {
+        artifacts: Vec<ArtifactMeta>,
+    },
+    Failed {
+        error: StepError,
+        retryable: bool,
+    },
     Cancelled,
 }

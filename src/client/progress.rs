@@ -408,9 +408,7 @@ impl StepDisplay {
         }
 
         let bar = self.bar(step);
-        bar.set_style(style(
-            "{spinner} {prefix} [{bar:30}] {pos}/{len} {wide_msg}",
-        ));
+        bar.set_style(style(PROGRESSING));
         bar.set_length(max.round() as u64);
         bar.set_position(value.clamp(0.0, max).round() as u64);
     }

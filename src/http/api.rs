@@ -119,12 +119,18 @@ async fn artifact(
         .ok_or_else(|| ApiError::NotFound(format!("no artifact with id {id}")))?;
     let path = files.path(&meta.id);
     let file = NamedFile::open_async(&path).await.map_err(|err| {
-        ApiError::Internal(format!("artifact {} is indexed but its file is unreadable: {err}", meta.id))
+        ApiError::Internal(format!(
+            "artifact {} is indexed but its file is unreadable: {err}",
+            meta.id
+        ))
     })?;
     let mime: mime::Mime = meta.mime.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
     let disposition = ContentDisposition {
         disposition: DispositionType::Inline,
         parameters: vec![DispositionParam::Filename(meta.filename.clone())],
     };
-    Ok(file.set_content_type(mime).set_content_disposition(disposition).into_response(&request))
+    Ok(file
+        .set_content_type(mime)
+        .set_content_disposition(disposition)
+        .into_response(&request))
 }

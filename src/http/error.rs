@@ -86,22 +86,24 @@ impl From<ClusterError> for ApiError {
 
 /// JSON extraction that answers in our error shape and says what is wrong with the body.
 pub fn json_config(limit: usize) -> web::JsonConfig {
-    web::JsonConfig::default().limit(limit).error_handler(move |err, _req| {
-        let api_error = match &err {
-            JsonPayloadError::OverflowKnownLength { length, limit } => {
-                ApiError::TooLarge(format!("{length} bytes, the limit is {limit}"))
-            }
-            JsonPayloadError::Overflow { limit } => {
-                ApiError::TooLarge(format!("more than the limit of {limit} bytes"))
-            }
-            JsonPayloadError::ContentType => ApiError::BadRequest(
-                "the body must be JSON, sent with Content-Type: application/json".into(),
-            ),
-            JsonPayloadError::Deserialize(inner) => {
-                ApiError::BadRequest(format!("the body is not valid JSON: {inner}"))
-            }
-            other => ApiError::BadRequest(format!("cannot read the body: {other}")),
-        };
-        actix_web::error::InternalError::from_response(err, api_error.error_response()).into()
-    })
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(move |err, _req| {
+            let api_error = match &err {
+                JsonPayloadError::OverflowKnownLength { length, limit } => {
+                    ApiError::TooLarge(format!("{length} bytes, the limit is {limit}"))
+                }
+                JsonPayloadError::Overflow { limit } => {
+                    ApiError::TooLarge(format!("more than the limit of {limit} bytes"))
+                }
+                JsonPayloadError::ContentType => ApiError::BadRequest(
+                    "the body must be JSON, sent with Content-Type: application/json".into(),
+                ),
+                JsonPayloadError::Deserialize(inner) => {
+                    ApiError::BadRequest(format!("the body is not valid JSON: {inner}"))
+                }
+                other => ApiError::BadRequest(format!("cannot read the body: {other}")),
+            };
+            actix_web::error::InternalError::from_response(err, api_error.error_response()).into()
+        })
 }

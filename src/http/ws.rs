@@ -40,7 +40,9 @@ pub async fn connect(
         subscription: None,
         last_heard: Instant::now(),
     };
-    ws::WsResponseBuilder::new(session, &request, stream).frame_size(MAX_FRAME).start()
+    ws::WsResponseBuilder::new(session, &request, stream)
+        .frame_size(MAX_FRAME)
+        .start()
 }
 
 /// A message from the client.
@@ -95,7 +97,10 @@ impl UiSession {
         match command {
             Command::Subscribe { run_id, since } => self.subscribe(run_id, since, ctx),
             Command::Unsubscribe => self.unsubscribe(),
-            Command::Submit { workflow, request_id } => self.submit(workflow, request_id, ctx),
+            Command::Submit {
+                workflow,
+                request_id,
+            } => self.submit(workflow, request_id, ctx),
             Command::Cancel { run_id, request_id } => self.cancel(run_id, request_id, ctx),
             Command::Ping => Self::send_json(ctx, &json!({ "type": "pong" })),
         }
@@ -112,8 +117,11 @@ impl UiSession {
             Some(id) => Filter::Run(id.clone()),
             None => Filter::All,
         };
-        let subscribe =
-            Subscribe { recipient: ctx.address().recipient(), filter, replay_after: since };
+        let subscribe = Subscribe {
+            recipient: ctx.address().recipient(),
+            filter,
+            replay_after: since,
+        };
         let hub = self.cluster.hub().clone();
         // `wait`: events replayed by the hub must not overtake the `subscribed` reply.
         ctx.wait(hub.send(subscribe).into_actor(self).map(move |result, act, ctx| {

@@ -3,6 +3,7 @@
 
 mod failures;
 mod http_input;
+mod real_services;
 mod runs;
 mod util;
 mod validation;

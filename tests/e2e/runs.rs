@@ -14,13 +14,21 @@ async fn example_pipeline_runs_end_to_end_with_real_artifacts() {
     // Every step ran where it should, and each produced what its kind promises.
     assert_eq!(step(&run, "brief")["node"], Value::Null);
     let still = step(&run, "still");
-    assert!(matches!(still["node"].as_str(), Some("img-a" | "img-b")), "{still}");
+    assert!(
+        matches!(still["node"].as_str(), Some("img-a" | "img-b")),
+        "{still}"
+    );
     assert_eq!(step(&run, "clip")["node"], "vid");
     assert_eq!(step(&run, "voice")["node"], "llm");
 
     let image = &still["artifacts"][0];
     assert_eq!(image["kind"], "image");
-    let png = test.http.get(test.url(image["url"].as_str().unwrap())).send().await.unwrap();
+    let png = test
+        .http
+        .get(test.url(image["url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(png.headers()["content-type"], "image/png");
     let bytes = png.bytes().await.unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a real PNG");
@@ -29,12 +37,20 @@ async fn example_pipeline_runs_end_to_end_with_real_artifacts() {
     assert_eq!(video["kind"], "video");
     let narration = &step(&run, "voice")["artifacts"][0];
     assert_eq!(narration["kind"], "text");
-    let text = test.http.get(test.url(narration["url"].as_str().unwrap())).send().await.unwrap();
+    let text = test
+        .http
+        .get(test.url(narration["url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
     assert!(!text.text().await.unwrap().trim().is_empty());
 
     // The output step collects the deliverables of its inputs.
     let delivered = step(&run, "deliver")["artifacts"].as_array().unwrap().len();
-    assert_eq!(delivered, 3, "video, narration and the inverted still: {run}");
+    assert_eq!(
+        delivered, 3,
+        "video, narration and the inverted still: {run}"
+    );
     test.daemon.stop().await;
 }
 
@@ -53,7 +69,10 @@ async fn independent_branches_run_at_the_same_time_on_two_nodes() {
         .filter(|step| step["kind"] == "image")
         .collect();
     assert_eq!(images.len(), 2);
-    assert_ne!(images[0]["node"], images[1]["node"], "one branch per node: {run}");
+    assert_ne!(
+        images[0]["node"], images[1]["node"],
+        "one branch per node: {run}"
+    );
     let (a_start, a_end) = (&images[0]["started_at"], &images[0]["finished_at"]);
     let (b_start, b_end) = (&images[1]["started_at"], &images[1]["finished_at"]);
     let overlap = timestamp(a_start) < timestamp(b_end) && timestamp(b_start) < timestamp(a_end);
@@ -62,7 +81,9 @@ async fn independent_branches_run_at_the_same_time_on_two_nodes() {
 }
 
 fn timestamp(value: &Value) -> time::OffsetDateTime {
-    let text = value.as_str().unwrap_or_else(|| panic!("not a timestamp: {value}"));
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"));
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .expect("RFC 3339")
 }
@@ -73,8 +94,9 @@ async fn activity_stream_shows_each_step_queue_start_progress_and_finish() {
     let mut activity = test.activity(None).await;
     let id = test.submit(&example("lighthouse.json")).await;
     let seen = activity
-        .until(|m| m["type"] == "run_state" && m["run_id"] == id.as_str()
-            && m["state"] == "succeeded")
+        .until(|m| {
+            m["type"] == "run_state" && m["run_id"] == id.as_str() && m["state"] == "succeeded"
+        })
         .await;
     let states_of = |step: &str| -> Vec<String> {
         seen.iter()
@@ -86,7 +108,9 @@ async fn activity_stream_shows_each_step_queue_start_progress_and_finish() {
     for wanted in ["queued", "assigned", "running", "succeeded"] {
         assert!(still.iter().any(|s| s == wanted), "still went {still:?}");
     }
-    let progress = seen.iter().any(|m| m["type"] == "step_progress" && m["step_id"] == "still");
+    let progress = seen
+        .iter()
+        .any(|m| m["type"] == "step_progress" && m["step_id"] == "still");
     assert!(progress, "no progress for the image step");
     test.daemon.stop().await;
 }
@@ -103,15 +127,20 @@ async fn cancelling_a_running_run_interrupts_it() {
         "edges": [{"id": "e1", "source": "brief", "target": "still"}]
     });
     let id = test.submit(&workflow).await;
-    test.wait_run(&id, |run| step(run, "still")["state"] == "running").await;
+    test.wait_run(&id, |run| step(run, "still")["state"] == "running")
+        .await;
 
-    let (status, run) = test.post(&format!("/api/workflows/{id}/cancel"), &json!({})).await;
+    let (status, run) = test
+        .post(&format!("/api/workflows/{id}/cancel"), &json!({}))
+        .await;
     assert_eq!(status, 200, "{run}");
     let run = test.wait_end(&id).await;
     assert_eq!(run["state"], "cancelled");
     assert_eq!(step(&run, "still")["state"], "cancelled");
 
-    let (status, again) = test.post(&format!("/api/workflows/{id}/cancel"), &json!({})).await;
+    let (status, again) = test
+        .post(&format!("/api/workflows/{id}/cancel"), &json!({}))
+        .await;
     assert_eq!(status, 409, "cancelling an ended run: {again}");
     test.daemon.stop().await;
 }
@@ -122,12 +151,19 @@ async fn a_restarted_daemon_lists_earlier_runs_and_serves_their_artifacts() {
     let id = test.submit(&example("invert.json")).await;
     let before = test.wait_end(&id).await;
     assert_eq!(before["state"], "succeeded", "{before}");
-    let artifact_url = before["steps"][0]["artifacts"][0]["url"].as_str().unwrap().to_string();
+    let artifact_url = before["steps"][0]["artifacts"][0]["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let test = test.restart().await;
     let (_, listing) = test.get("/api/workflows").await;
-    let ids: Vec<&str> =
-        listing["runs"].as_array().unwrap().iter().filter_map(|r| r["id"].as_str()).collect();
+    let ids: Vec<&str> = listing["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
     assert!(ids.contains(&id.as_str()), "{listing}");
     let (_, after) = test.get(&format!("/api/workflows/{id}")).await;
     assert_eq!(after["state"], "succeeded");
@@ -143,7 +179,10 @@ async fn a_restarted_daemon_lists_earlier_runs_and_serves_their_artifacts() {
         .await
         .unwrap();
     assert_eq!(partial.status(), 206);
-    assert_eq!(partial.bytes().await.unwrap().as_ref(), b"\x89PNG\r\n\x1a\n");
+    assert_eq!(
+        partial.bytes().await.unwrap().as_ref(),
+        b"\x89PNG\r\n\x1a\n"
+    );
     test.daemon.stop().await;
 }
 
@@ -158,14 +197,88 @@ async fn large_binary_preview_frames_reach_the_activity_stream() {
     let mut activity = test.activity(None).await;
     let id = test.submit(&example("lighthouse.json")).await;
     let seen = activity
-        .until(|m| m["type"] == "run_state" && m["run_id"] == id.as_str()
-            && matches!(m["state"].as_str(), Some("succeeded" | "failed")))
+        .until(|m| {
+            m["type"] == "run_state"
+                && m["run_id"] == id.as_str()
+                && matches!(m["state"].as_str(), Some("succeeded" | "failed"))
+        })
         .await;
-    assert_eq!(seen.last().unwrap()["state"], "succeeded", "{:?}", seen.last());
+    assert_eq!(
+        seen.last().unwrap()["state"],
+        "succeeded",
+        "{:?}",
+        seen.last()
+    );
     let preview = seen
         .iter()
         .find(|m| m["type"] == "step_preview")
         .expect("previews are forwarded to the activity stream");
-    assert!(preview["data"].as_str().unwrap().len() > 64 * 1024 * 4 / 3, "a large preview");
+    assert!(
+        preview["data"].as_str().unwrap().len() > 64 * 1024 * 4 / 3,
+        "a large preview"
+    );
+    test.daemon.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_websocket_submits_and_cancels_like_rest_does() {
+    let test = TestDaemon::start(&cluster_config(200, "")).await;
+    let mut socket = test.activity(None).await;
+
+    let invalid = json!({"type": "submit", "request_id": 1,
+                         "workflow": {"nodes": [{"id": "x", "type": "nope"}], "edges": []}});
+    socket.send(&invalid).await;
+    let seen = socket
+        .until(|m| m["type"] == "error" && m["request_id"] == 1)
+        .await;
+    let refusal = seen.last().unwrap();
+    assert_eq!(refusal["error"], "invalid_workflow", "{refusal}");
+    assert_eq!(refusal["issues"][0]["node"], "x", "{refusal}");
+
+    let workflow = json!({
+        "name": "slow still over the socket",
+        "nodes": [{"id": "still", "type": "image", "data": {"prompt": "dawn", "steps": 200}}],
+        "edges": []
+    });
+    socket
+        .send(&json!({"type": "submit", "request_id": 2, "workflow": workflow}))
+        .await;
+    let seen = socket
+        .until(|m| m["type"] == "submitted" && m["request_id"] == 2)
+        .await;
+    let id = seen.last().unwrap()["run"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    socket
+        .until(|m| {
+            m["type"] == "step_state" && m["run_id"] == id.as_str() && m["state"] == "running"
+        })
+        .await;
+    socket
+        .send(&json!({"type": "cancel", "request_id": 3, "run_id": id}))
+        .await;
+    let seen = socket
+        .until(|m| m["type"] == "cancelled" && m["request_id"] == 3)
+        .await;
+    assert_eq!(seen.last().unwrap()["run"]["state"], "cancelled");
+
+    socket
+        .send(&json!({"type": "cancel", "request_id": 4, "run_id": id}))
+        .await;
+    let seen = socket
+        .until(|m| m["type"] == "error" && m["request_id"] == 4)
+        .await;
+    assert_eq!(seen.last().unwrap()["error"], "conflict");
+
+    socket.send(&json!({"type": "dance"})).await;
+    let seen = socket
+        .until(|m| m["type"] == "error" && m["error"] == "bad_request")
+        .await;
+    assert!(seen.last().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("subscribe"));
     test.daemon.stop().await;
 }

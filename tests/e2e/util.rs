@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use multiplex::daemon::{self, DaemonOptions, RunningDaemon};
+use multiplex::daemon::{DaemonOptions, DaemonThread};
 use serde_json::{json, Value};
 
 /// Longest any test waits for a condition; a generous bound, never a timing assertion.
@@ -49,7 +49,7 @@ slots = 4
 [nodes.langflow]
 simulate = {{}}
 flows."narration-text" = {{ id = "narration-text" }}
-flows."narration-visual" = {{ id = "narration-visual", file_component = "ChatInput-visual" }}
+flows."narration-visual" = {{ id = "6f1c3a52-2a8e-4d5b-9a41-0c1e5d7b8a02", file_component = "ChatInput-aaaa1" }}
 flows."prompt-expansion" = {{ id = "prompt-expansion" }}
 flows."echo" = {{ id = "echo" }}
 flows."fail" = {{ id = "fail" }}
@@ -60,7 +60,7 @@ flows."fail" = {{ id = "fail" }}
 
 /// A daemon under test.
 pub struct TestDaemon {
-    pub daemon: RunningDaemon,
+    pub daemon: DaemonThread,
     /// Holds the config file and the data directory.
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -81,15 +81,25 @@ impl TestDaemon {
             bind: Some("127.0.0.1:0".into()),
             data_dir: Some(dir.path().join("data")),
         };
-        let daemon = daemon::start(options).await.expect("the daemon starts");
-        let test = TestDaemon { daemon, dir, config_path, http: reqwest::Client::new() };
+        let daemon = DaemonThread::spawn(options).expect("the daemon starts");
+        let test = TestDaemon {
+            daemon,
+            dir,
+            config_path,
+            http: reqwest::Client::new(),
+        };
         test.wait_nodes_available().await;
         test
     }
 
     /// Stops the daemon and starts a new one on the same config and data directory.
     pub async fn restart(self) -> TestDaemon {
-        let TestDaemon { daemon, dir, config_path, .. } = self;
+        let TestDaemon {
+            daemon,
+            dir,
+            config_path,
+            ..
+        } = self;
         daemon.stop().await;
         Self::start_in(dir, config_path).await
     }
@@ -99,14 +109,24 @@ impl TestDaemon {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self.http.get(self.url(path)).send().await.expect("GET is answered");
+        let response = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET is answered");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response =
-            self.http.post(self.url(path)).json(body).send().await.expect("POST is answered");
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST is answered");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -128,7 +148,10 @@ impl TestDaemon {
     pub async fn submit(&self, workflow: &Value) -> String {
         let (status, body) = self.post("/api/workflows", workflow).await;
         assert_eq!(status, 201, "submission refused: {body}");
-        body["id"].as_str().expect("the answer has an id").to_string()
+        body["id"]
+            .as_str()
+            .expect("the answer has an id")
+            .to_string()
     }
 
     pub async fn wait_nodes_available(&self) {
@@ -139,7 +162,10 @@ impl TestDaemon {
             if !nodes.is_empty() && nodes.iter().all(|node| node["available"] == true) {
                 return;
             }
-            assert!(Instant::now() < deadline, "nodes never became available: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "nodes never became available: {body}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -153,7 +179,10 @@ impl TestDaemon {
             if done(&run) {
                 return run;
             }
-            assert!(Instant::now() < deadline, "run {id} never reached the condition: {run}");
+            assert!(
+                Instant::now() < deadline,
+                "run {id} never reached the condition: {run}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -161,7 +190,10 @@ impl TestDaemon {
     /// Waits for the run to end and returns it.
     pub async fn wait_end(&self, id: &str) -> Value {
         self.wait_run(id, |run| {
-            matches!(run["state"].as_str(), Some("succeeded" | "failed" | "cancelled"))
+            matches!(
+                run["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
         })
         .await
     }
@@ -169,8 +201,13 @@ impl TestDaemon {
     /// Opens the activity WebSocket, subscribed to one run (or all when `None`).
     pub async fn activity(&self, run_id: Option<&str>) -> ActivitySocket {
         let url = format!("ws://{}/ws", self.daemon.addr);
-        let (_response, mut socket) =
-            awc::Client::new().ws(url).connect().await.expect("the WebSocket opens");
+        // Previews make activity frames larger than awc's 64 KiB default.
+        let (_response, mut socket) = awc::Client::new()
+            .ws(url)
+            .max_frame_size(16 * 1024 * 1024)
+            .connect()
+            .await
+            .expect("the WebSocket opens");
         let subscribe = json!({ "type": "subscribe", "run_id": run_id, "since": 0 });
         socket
             .send(awc::ws::Message::Text(subscribe.to_string().into()))

@@ -24,27 +24,43 @@ fn has(issues: &[Value], code: &str, node: Option<&str>, edge: Option<&str>) -> 
 async fn every_validation_problem_is_reported_at_once_naming_its_culprit() {
     let test = TestDaemon::start(&cluster_config(1, "")).await;
 
-    let issues = issues_of(&test, json!({
-        "name": "many problems",
-        "nodes": [
-            {"id": "a", "type": "intent", "data": {"prompt": "x"}},
-            {"id": "a", "type": "intent", "data": {"prompt": "y"}},
-            {"id": "w", "type": "wormhole", "data": {}},
-            {"id": "img", "type": "image", "data": {"steps": "many"}},
-            {"id": "noprompt", "type": "intent", "data": {}}
-        ],
-        "edges": [
-            {"id": "e1", "source": "a", "target": "img"},
-            {"id": "e1", "source": "a", "target": "ghost"}
-        ]
-    }))
+    let issues = issues_of(
+        &test,
+        json!({
+            "name": "many problems",
+            "nodes": [
+                {"id": "a", "type": "intent", "data": {"prompt": "x"}},
+                {"id": "a", "type": "intent", "data": {"prompt": "y"}},
+                {"id": "w", "type": "wormhole", "data": {}},
+                {"id": "img", "type": "image", "data": {"steps": "many"}},
+                {"id": "noprompt", "type": "intent", "data": {}}
+            ],
+            "edges": [
+                {"id": "e1", "source": "a", "target": "img"},
+                {"id": "e2", "source": "a", "target": "ghost"},
+                {"id": "e1", "source": "img", "target": "w"}
+            ]
+        }),
+    )
     .await;
-    assert!(has(&issues, "duplicate_node_id", Some("a"), None), "{issues:?}");
-    assert!(has(&issues, "duplicate_edge_id", None, Some("e1")), "{issues:?}");
+    assert!(
+        has(&issues, "duplicate_node_id", Some("a"), None),
+        "{issues:?}"
+    );
+    assert!(
+        has(&issues, "duplicate_edge_id", None, Some("e1")),
+        "{issues:?}"
+    );
     assert!(has(&issues, "unknown_type", Some("w"), None), "{issues:?}");
-    assert!(has(&issues, "invalid_parameter", Some("img"), None), "{issues:?}");
-    assert!(has(&issues, "missing_parameter", Some("noprompt"), None), "{issues:?}");
-    assert!(has(&issues, "missing_node", None, Some("e1")), "{issues:?}");
+    assert!(
+        has(&issues, "invalid_parameter", Some("img"), None),
+        "{issues:?}"
+    );
+    assert!(
+        has(&issues, "missing_parameter", Some("noprompt"), None),
+        "{issues:?}"
+    );
+    assert!(has(&issues, "missing_node", None, Some("e2")), "{issues:?}");
     test.daemon.stop().await;
 }
 
@@ -52,61 +68,101 @@ async fn every_validation_problem_is_reported_at_once_naming_its_culprit() {
 async fn cycles_wrong_kinds_missing_inputs_and_impossible_steps_are_refused() {
     let test = TestDaemon::start(&cluster_config(1, "")).await;
 
-    let cycle = issues_of(&test, json!({
-        "nodes": [
-            {"id": "p", "type": "langflow", "data": {"flow": "echo"}},
-            {"id": "q", "type": "langflow", "data": {"flow": "echo"}}
-        ],
-        "edges": [
-            {"id": "e1", "source": "p", "target": "q"},
-            {"id": "e2", "source": "q", "target": "p"}
-        ]
-    }))
+    let cycle = issues_of(
+        &test,
+        json!({
+            "nodes": [
+                {"id": "p", "type": "langflow", "data": {"flow": "echo"}},
+                {"id": "q", "type": "langflow", "data": {"flow": "echo"}}
+            ],
+            "edges": [
+                {"id": "e1", "source": "p", "target": "q"},
+                {"id": "e2", "source": "q", "target": "p"}
+            ]
+        }),
+    )
     .await;
-    assert!(cycle.iter().any(|i| i["code"] == "cycle"
-        && matches!(i["node"].as_str(), Some("p" | "q"))), "{cycle:?}");
+    assert!(
+        cycle
+            .iter()
+            .any(|i| i["code"] == "cycle" && matches!(i["node"].as_str(), Some("p" | "q"))),
+        "{cycle:?}"
+    );
 
-    let wrong_kind = issues_of(&test, json!({
-        "nodes": [
-            {"id": "brief", "type": "intent", "data": {"prompt": "x"}},
-            {"id": "clip", "type": "video", "data": {}}
-        ],
-        "edges": [{"id": "e1", "source": "brief", "target": "clip"}]
-    }))
+    // An image step takes text; a video is the wrong kind of input for it.
+    let wrong_kind = issues_of(
+        &test,
+        json!({
+            "nodes": [
+                {"id": "brief", "type": "intent", "data": {"prompt": "x"}},
+                {"id": "still", "type": "image", "data": {}},
+                {"id": "clip", "type": "video", "data": {}},
+                {"id": "again", "type": "image", "data": {"prompt": "y"}}
+            ],
+            "edges": [
+                {"id": "e1", "source": "brief", "target": "still"},
+                {"id": "e2", "source": "still", "target": "clip"},
+                {"id": "e3", "source": "clip", "target": "again"}
+            ]
+        }),
+    )
     .await;
-    assert!(has(&wrong_kind, "wrong_input_kind", Some("clip"), None)
-        || has(&wrong_kind, "wrong_input_kind", None, Some("e1")), "{wrong_kind:?}");
+    assert!(
+        has(&wrong_kind, "wrong_input_kind", None, Some("e3")),
+        "{wrong_kind:?}"
+    );
 
-    let missing_input = issues_of(&test, json!({
-        "nodes": [{"id": "clip", "type": "video", "data": {}}],
-        "edges": []
-    }))
+    let missing_input = issues_of(
+        &test,
+        json!({
+            "nodes": [{"id": "clip", "type": "video", "data": {}}],
+            "edges": []
+        }),
+    )
     .await;
-    assert!(has(&missing_input, "missing_input", Some("clip"), None), "{missing_input:?}");
+    assert!(
+        has(&missing_input, "missing_input", Some("clip"), None),
+        "{missing_input:?}"
+    );
 
     let impossible = issues_of(&test, json!({
         "nodes": [{"id": "talk", "type": "langflow", "data": {"flow": "not-served", "input": "x"}}],
         "edges": []
     }))
     .await;
-    assert!(has(&impossible, "no_capable_node", Some("talk"), None), "{impossible:?}");
+    assert!(
+        has(&impossible, "no_capable_node", Some("talk"), None),
+        "{impossible:?}"
+    );
 
-    let handles = issues_of(&test, json!({
-        "nodes": [
-            {"id": "brief", "type": "intent", "data": {"prompt": "x"}},
-            {"id": "still", "type": "image", "data": {}}
-        ],
-        "edges": [{"id": "e1", "source": "brief", "target": "still", "targetHandle": "nope"}]
-    }))
+    let handles = issues_of(
+        &test,
+        json!({
+            "nodes": [
+                {"id": "brief", "type": "intent", "data": {"prompt": "x"}},
+                {"id": "still", "type": "image", "data": {}}
+            ],
+            "edges": [{"id": "e1", "source": "brief", "target": "still", "targetHandle": "nope"}]
+        }),
+    )
     .await;
-    assert!(has(&handles, "unknown_handle", None, Some("e1")), "{handles:?}");
+    assert!(
+        has(&handles, "unknown_handle", None, Some("e1")),
+        "{handles:?}"
+    );
 
-    let ui_export = issues_of(&test, json!({
-        "nodes": [{"id": "raw", "type": "comfyui",
-                   "data": {"workflow": {"nodes": [], "links": [], "version": 0.4}}}],
-        "edges": []
-    }))
+    let ui_export = issues_of(
+        &test,
+        json!({
+            "nodes": [{"id": "raw", "type": "comfyui",
+                       "data": {"workflow": {"nodes": [], "links": [], "version": 0.4}}}],
+            "edges": []
+        }),
+    )
     .await;
-    assert!(has(&ui_export, "invalid_workflow", Some("raw"), None), "{ui_export:?}");
+    assert!(
+        has(&ui_export, "invalid_workflow", Some("raw"), None),
+        "{ui_export:?}"
+    );
     test.daemon.stop().await;
 }

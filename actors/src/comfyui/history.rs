@@ -186,6 +186,12 @@ fn output_file(node: &str, key: &str, item: &Value, animated: bool) -> Option<Ou
     } else {
         by_extension
     };
+    // SaveAnimatedPNG writes APNG: players and browsers animate it only under its own type.
+    let mime = if kind == ArtifactKind::Video && ext == "png" {
+        "image/apng"
+    } else {
+        mime
+    };
     Some(OutputFile {
         node_id: node.to_string(),
         filename,

@@ -95,6 +95,8 @@ pub enum JobError {
     Rejected {
         prompt_id: String,
         message: String,
+        /// ComfyUI's `error` object, verbatim (`null` when we refused it ourselves).
+        error: Value,
         node_errors: Value,
     },
     /// A node raised while running.
@@ -179,10 +181,10 @@ impl JobError {
     /// failing node and traceback of an execution error.
     pub fn details(&self) -> Option<Value> {
         match self {
-            JobError::Rejected { node_errors, .. } => {
-                let empty = node_errors.as_object().is_some_and(Map::is_empty);
-                (!empty).then(|| serde_json::json!({"node_errors": node_errors}))
-            }
+            // ComfyUI's answer whole: an unknown class has its reason only in `error`.
+            JobError::Rejected {
+                error, node_errors, ..
+            } => Some(serde_json::json!({"error": error, "node_errors": node_errors})),
             JobError::Execution {
                 node_id,
                 node_type,
@@ -272,6 +274,7 @@ async fn prepare_prompt(
             JobError::Rejected {
                 prompt_id: prompt_id.into(),
                 message,
+                error: Value::Null,
                 node_errors: Value::Object(Map::new()),
             }
         })?;
@@ -325,6 +328,7 @@ async fn submit(
             return Err(JobError::Rejected {
                 prompt_id: prompt_id.into(),
                 message,
+                error,
                 node_errors,
             });
         }

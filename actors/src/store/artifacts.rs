@@ -43,11 +43,16 @@ impl ArtifactFiles {
         let value = self
             .index
             .get(id.as_bytes())
-            .map_err(|source| StoreError::Db { what: format!("artifact {id}"), source })?;
+            .map_err(|source| StoreError::Db {
+                what: format!("artifact {id}"),
+                source,
+            })?;
         value
             .map(|bytes| {
-                serde_json::from_slice(&bytes)
-                    .map_err(|source| StoreError::Corrupt { key: id.into(), source })
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                    key: id.into(),
+                    source,
+                })
             })
             .transpose()
     }
@@ -66,9 +71,13 @@ impl ArtifactFiles {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let tmp_path = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
-        let file_error = |path: &Path, source| StoreError::File { path: path.into(), source };
-        let mut file =
-            tokio::fs::File::create(&tmp_path).await.map_err(|e| file_error(&tmp_path, e))?;
+        let file_error = |path: &Path, source| StoreError::File {
+            path: path.into(),
+            source,
+        };
+        let mut file = tokio::fs::File::create(&tmp_path)
+            .await
+            .map_err(|e| file_error(&tmp_path, e))?;
 
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -88,15 +97,21 @@ impl ArtifactFiles {
                 return Err(file_error(&tmp_path, err));
             }
         }
-        file.sync_all().await.map_err(|e| file_error(&tmp_path, e))?;
+        file.sync_all()
+            .await
+            .map_err(|e| file_error(&tmp_path, e))?;
         drop(file);
 
         let id = hex::encode(hasher.finalize());
         let final_path = self.path(&id);
         if let Some(dir) = final_path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| file_error(dir, e))?;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| file_error(dir, e))?;
         }
-        tokio::fs::rename(&tmp_path, &final_path).await.map_err(|e| file_error(&final_path, e))?;
+        tokio::fs::rename(&tmp_path, &final_path)
+            .await
+            .map_err(|e| file_error(&final_path, e))?;
 
         let meta = ArtifactMeta {
             id: id.clone(),
@@ -105,11 +120,16 @@ impl ArtifactFiles {
             size,
             filename: filename.to_string(),
         };
-        let json = serde_json::to_vec(&meta)
-            .map_err(|source| StoreError::Corrupt { key: id.clone(), source })?;
+        let json = serde_json::to_vec(&meta).map_err(|source| StoreError::Corrupt {
+            key: id.clone(),
+            source,
+        })?;
         self.index
             .insert(id.as_bytes(), json)
-            .map_err(|source| StoreError::Db { what: format!("artifact {id}"), source })?;
+            .map_err(|source| StoreError::Db {
+                what: format!("artifact {id}"),
+                source,
+            })?;
         Ok(meta)
     }
 

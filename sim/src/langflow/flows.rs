@@ -56,6 +56,12 @@ pub fn narrate_text(input: &str) -> String {
     if words.is_empty() {
         return "There is nothing to narrate yet.".into();
     }
+    let subject = words.join(" ").trim_end_matches(['.', '!', '?']).to_owned();
+    format!("We open on {subject}. {}", mood_sentence(input))
+}
+
+/// "The moment feels …, and the camera …": the closing sentence, picked from `input`.
+fn mood_sentence(input: &str) -> String {
     let mood = pick(
         input,
         "mood",
@@ -68,8 +74,7 @@ pub fn narrate_text(input: &str) -> String {
         "beat",
         &["lingers", "drifts closer", "holds still", "pulls back"],
     );
-    let subject = words.join(" ").trim_end_matches(['.', '!', '?']).to_owned();
-    format!("We open on {subject}. The moment feels {mood}, and the camera {beat} as it settles.")
+    format!("The moment feels {mood}, and the camera {beat} as it settles.")
 }
 
 /// `input` with style, light and lens details appended.
@@ -88,18 +93,16 @@ pub fn expand_prompt(input: &str) -> String {
     format!("{base}, {style} composition, {light}, highly detailed, sharp focus, 35mm photograph")
 }
 
-/// Describes the attached files (paths below `root`), then narrates.
+/// Describes the attached files (paths below `root`), then closes with a mood: what a
+/// vision model asked to narrate footage would say, without repeating the instructions.
 pub fn narrate_visual(input: &str, root: &Path, files: &[String]) -> String {
     let described: Vec<String> = files.iter().map(|f| describe(root, f)).collect();
     if described.is_empty() {
         return format!("No image or video was attached. {}", narrate_text(input));
     }
-    let context = if input.trim().is_empty() {
-        described.join(" ")
-    } else {
-        input.to_owned()
-    };
-    format!("{} {}", described.join(" "), narrate_text(&context))
+    let description = described.join(" ");
+    let mood = mood_sentence(&format!("{input}{description}"));
+    format!("{description} {mood}")
 }
 
 fn describe(root: &Path, file: &str) -> String {
