@@ -32,6 +32,9 @@ use crate::config::DaemonSection;
 /// megabyte leaves room without letting one client exhaust memory.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
+/// How long a stopping daemon lets requests in flight finish.
+const SHUTDOWN_GRACE_SECS: u64 = 2;
+
 /// Request limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -63,6 +66,9 @@ pub fn serve(
             .route("/ws", web::get().to(ws::connect))
     })
     .workers(2)
+    // WebSocket sessions never end by themselves: on shutdown, give requests in flight a
+    // moment, not actix's default 30 seconds.
+    .shutdown_timeout(SHUTDOWN_GRACE_SECS)
     .bind(bind)?;
     let addr = server.addrs().first().copied().ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "bound to no address")
