@@ -13,6 +13,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use multiplex_actors::activity::{Delivery, Filter, Subscribe, Unsubscribe};
 use multiplex_actors::cluster::{Cluster, ClusterError};
+use multiplex_actors::store::RunRecord;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::{debug, info};
@@ -124,18 +125,22 @@ impl UiSession {
         };
         let hub = self.cluster.hub().clone();
         // `wait`: events replayed by the hub must not overtake the `subscribed` reply.
-        ctx.wait(hub.send(subscribe).into_actor(self).map(move |result, act, ctx| {
-            match result {
-                Ok(id) => {
-                    act.subscription = Some(id);
-                    Self::send_json(ctx, &json!({ "type": "subscribed", "run_id": run_id }));
-                }
-                Err(_) => Self::send_json(
-                    ctx,
-                    &json!({ "type": "error", "error": "internal", "message": "activity hub unavailable" }),
-                ),
-            }
-        }));
+        ctx.wait(
+            hub.send(subscribe)
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(id) => {
+                        act.subscription = Some(id);
+                        Self::send_json(ctx, &json!({ "type": "subscribed", "run_id": run_id }));
+                    }
+                    Err(_) => {
+                        let message = "the activity hub is not running";
+                        let reply =
+                            json!({ "type": "error", "error": "internal", "message": message });
+                        Self::send_json(ctx, &reply);
+                    }
+                }),
+        );
     }
 
     fn unsubscribe(&mut self) {
@@ -152,15 +157,7 @@ impl UiSession {
     ) {
         let cluster = self.cluster.clone();
         let work = async move { cluster.submit(workflow).await };
-        ctx.spawn(work.into_actor(self).map(move |result, _act, ctx| {
-            let reply = match result {
-                Ok(record) => {
-                    json!({ "type": "submitted", "request_id": request_id, "run": run_view(&record) })
-                }
-                Err(err) => error_reply(err, request_id),
-            };
-            Self::send_json(ctx, &reply);
-        }));
+        self.reply_with_run(work, "submitted", request_id, ctx);
     }
 
     fn cancel(
@@ -171,11 +168,27 @@ impl UiSession {
     ) {
         let cluster = self.cluster.clone();
         let work = async move { cluster.cancel(&run_id).await };
+        self.reply_with_run(work, "cancelled", request_id, ctx);
+    }
+
+    /// Runs a cluster request off the mailbox (`spawn`: events keep flowing meanwhile) and
+    /// answers with the run as `reply_type`, or with the error REST would give.
+    fn reply_with_run<F>(
+        &mut self,
+        work: F,
+        reply_type: &'static str,
+        request_id: Option<Value>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) where
+        F: std::future::Future<Output = Result<RunRecord, ClusterError>> + 'static,
+    {
         ctx.spawn(work.into_actor(self).map(move |result, _act, ctx| {
             let reply = match result {
-                Ok(record) => {
-                    json!({ "type": "cancelled", "request_id": request_id, "run": run_view(&record) })
-                }
+                Ok(record) => json!({
+                    "type": reply_type,
+                    "request_id": request_id,
+                    "run": run_view(&record),
+                }),
                 Err(err) => error_reply(err, request_id),
             };
             Self::send_json(ctx, &reply);

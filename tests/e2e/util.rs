@@ -11,6 +11,9 @@ use serde_json::{json, Value};
 /// Longest any test waits for a condition; a generous bound, never a timing assertion.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// The simulator's visual narration flow: file uploads need a flow's id, not its name.
+const VISUAL_FLOW_ID: &str = "6f1c3a52-2a8e-4d5b-9a41-0c1e5d7b8a02";
+
 /// A small cluster: two image nodes, one video node, one LangFlow node, all simulated.
 /// `image_step_ms` slows the image nodes' sampler steps for tests that need a step to be
 /// running for a while.
@@ -49,7 +52,7 @@ slots = 4
 [nodes.langflow]
 simulate = {{}}
 flows."narration-text" = {{ id = "narration-text" }}
-flows."narration-visual" = {{ id = "6f1c3a52-2a8e-4d5b-9a41-0c1e5d7b8a02", file_component = "ChatInput-aaaa1" }}
+flows."narration-visual" = {{ id = "{VISUAL_FLOW_ID}", file_component = "ChatInput-aaaa1" }}
 flows."prompt-expansion" = {{ id = "prompt-expansion" }}
 flows."echo" = {{ id = "echo" }}
 flows."fail" = {{ id = "fail" }}
