@@ -110,6 +110,12 @@ async fn errors_have_the_recorded_bodies() {
         .await
         .unwrap();
     assert_eq!(bearer.status(), 403);
+    // A real LangFlow 1.13 checks the key before looking the flow up.
+    let (status, body) = run(&sim, "no-such-flow-name", Some("wrong"), json!({})).await;
+    assert_eq!(
+        (status, body),
+        (403, json!({"detail": "Invalid or missing API key"}))
+    );
 
     let malformed = reqwest::Client::new()
         .post(sim.url().join(&format!("api/v1/run/{ECHO}")).unwrap())
@@ -233,6 +239,27 @@ async fn visual_narration_reads_the_uploaded_file() {
         .unwrap();
     assert_eq!(response.status(), 201);
     let uploaded: Value = response.json().await.unwrap();
+    for (key, detail) in [
+        (None, "No authentication credentials provided"),
+        (Some("wrong"), "Invalid API key"),
+    ] {
+        let url = sim.url().join(&format!("api/v1/files/upload/{flow_id}"));
+        let part = reqwest::multipart::Part::bytes(b"x".to_vec()).file_name("x.txt");
+        let mut request = reqwest::Client::new()
+            .post(url.unwrap())
+            .multipart(reqwest::multipart::Form::new().part("file", part));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.status(), 403);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"detail": detail}),
+            "upload refusal, key {key:?}"
+        );
+    }
     assert_eq!(uploaded["flowId"], flow_id.as_str());
     let path = uploaded["file_path"].as_str().unwrap();
     assert!(path.starts_with(&format!("{flow_id}/")) && path.ends_with("_clip.png"));

@@ -4,8 +4,9 @@
 //! - `POST /api/v1/run/{flow_id_or_endpoint_name}` (`?stream=true` streams)
 //! - `POST /api/v1/files/upload/{flow_id}` (multipart `file`)
 //!
-//! Check order follows FastAPI: malformed JSON (422), then the flow lookup
-//! (404), then the API key (403), then the body's shape.
+//! Check order follows LangFlow 1.13 (checked against a real server): malformed
+//! JSON (422), then the API key (403, even for a flow that does not exist), then
+//! the flow lookup (404), then the body's shape.
 
 use std::{convert::Infallible, sync::atomic::Ordering, sync::Arc, time::Duration};
 
@@ -72,14 +73,35 @@ struct KeyQuery {
     stream: bool,
 }
 
+/// What a 403 says: the run route and the upload route word it differently.
+struct Refusals {
+    missing: &'static str,
+    wrong: &'static str,
+}
+
+const RUN_REFUSALS: Refusals = Refusals {
+    missing: MISSING_KEY,
+    wrong: "Invalid or missing API key",
+};
+
+const UPLOAD_REFUSALS: Refusals = Refusals {
+    missing: "No authentication credentials provided",
+    wrong: "Invalid API key",
+};
+
 /// `None` when the key is acceptable, else the 403 answer.
-fn refuse_key(data: &Shared, req: &HttpRequest, query: &KeyQuery) -> Option<HttpResponse> {
+fn refuse_key(
+    data: &Shared,
+    req: &HttpRequest,
+    query: &KeyQuery,
+    refusals: &Refusals,
+) -> Option<HttpResponse> {
     let expected = data.config.api_key.as_deref()?;
     let header = req.headers().get("x-api-key").and_then(|v| v.to_str().ok());
     // A Bearer header is not an API key: it counts as missing.
     match header.or(query.api_key.as_deref()) {
-        None => Some(detail(403, MISSING_KEY)),
-        Some(key) if key != expected => Some(detail(403, "Invalid or missing API key")),
+        None => Some(detail(403, refusals.missing)),
+        Some(key) if key != expected => Some(detail(403, refusals.wrong)),
         Some(_) => None,
     }
 }
@@ -194,12 +216,12 @@ async fn run(
             }
         }
     };
+    if let Some(refusal) = refuse_key(&data, &req, &query, &RUN_REFUSALS) {
+        return refusal;
+    }
     let Some(flow) = data.flow(&flow).cloned() else {
         return detail(404, &format!("Flow identifier {flow} not found"));
     };
-    if let Some(refusal) = refuse_key(&data, &req, &query) {
-        return refusal;
-    }
     let request = match parsed {
         None => RunRequest::default(),
         Some(Value::Object(map)) => serde_json::from_value(Value::Object(map)).unwrap_or_default(),
@@ -373,7 +395,7 @@ async fn upload(
     query: web::Query<KeyQuery>,
     form: Multipart,
 ) -> HttpResponse {
-    if let Some(refusal) = refuse_key(&data, &req, &query) {
+    if let Some(refusal) = refuse_key(&data, &req, &query, &UPLOAD_REFUSALS) {
         return refusal;
     }
     let Some(flow) = data.config.flows.iter().find(|f| f.id == *flow) else {
