@@ -24,7 +24,7 @@ use serde_json::Value;
 pub use client::{Accepted, ComfyClient, UploadedImage};
 pub use events::{ComfyEvent, ExecutionErrorEvent, Preview};
 pub use history::{Device, HistoryEntry, OutputFile, QueueState, SystemStats};
-pub use job::{run_job, JobError, JobProgress};
+pub use job::{resume_job, run_job, JobError, JobProgress, TRANSPORT_GRACE};
 pub use socket::{connect_events, EventStream, MAX_FRAME_SIZE};
 
 use crate::store::StoreError;
@@ -56,6 +56,10 @@ pub enum ComfyError {
     Decode { url: String, detail: String },
     #[error("ComfyUI socket {url}: {detail}")]
     WebSocket { url: String, detail: String },
+    /// The server answered the WebSocket upgrade with an HTTP status instead of switching
+    /// protocols (a proxy refusing upgrades, an auth wall): retrying soon will not help.
+    #[error("ComfyUI at {url} refused the WebSocket upgrade with HTTP {status}")]
+    UpgradeRefused { url: String, status: u16 },
     /// A local file to upload could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
@@ -77,6 +81,7 @@ impl ComfyError {
             ComfyError::Transport { .. } | ComfyError::WebSocket { .. } => true,
             ComfyError::Status { status, .. } => *status >= 500,
             ComfyError::Rejected { .. }
+            | ComfyError::UpgradeRefused { .. }
             | ComfyError::Decode { .. }
             | ComfyError::Io { .. }
             | ComfyError::Store { .. } => false,

@@ -93,7 +93,15 @@ pub async fn connect_events(base: &Url, client_id: &str) -> Result<EventStream, 
             .max_frame_size(MAX_FRAME_SIZE)
             .connect()
             .await
-            .map_err(|err| ws_error(err.to_string()))?;
+            .map_err(|err| match err {
+                awc::error::WsClientError::InvalidResponseStatus(status) => {
+                    ComfyError::UpgradeRefused {
+                        url: url.to_string(),
+                        status: status.as_u16(),
+                    }
+                }
+                other => ws_error(other.to_string()),
+            })?;
         let mut reader = FrameReader {
             framed,
             partial: None,
