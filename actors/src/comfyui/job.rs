@@ -9,8 +9,14 @@
 //! The events come from the node's shared socket through a broadcast channel. A quiet, lagging
 //! or closed channel never makes a job hang: it falls back to polling `/history/{id}` and
 //! `/queue`, and a prompt that neither knows is reported [`JobError::Lost`].
+//!
+//! [`resume_job`] picks up a prompt posted before a daemon restart or a node reconnect: it
+//! posts nothing, looks where the prompt stands and then follows or collects it like
+//! [`run_job`]. While following, a node that stops answering is given [`TRANSPORT_GRACE`] to
+//! come back, so a ComfyUI restarting quickly ends in a reconciliation (finished, or
+//! [`JobError::Lost`] and a resubmission) rather than a failed step.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -45,6 +51,12 @@ const HISTORY_LAG_FIRST_PAUSE: Duration = Duration::from_millis(50);
 /// Consecutive checks that find the prompt neither in history nor in the queue before it is
 /// declared lost (the server restarted and forgot it).
 const UNKNOWN_CHECKS_BEFORE_LOST: u32 = 3;
+
+/// How long a job keeps retrying a node that cannot be reached (connection refused or reset,
+/// a 5xx) while it follows a prompt, before failing with [`JobError::Transport`]. Long enough
+/// for a ComfyUI process to restart and answer again; after that the prompt is reconciled
+/// (found in history, still queued, or [`JobError::Lost`]) instead of the step failing.
+pub const TRANSPORT_GRACE: Duration = Duration::from_secs(30);
 
 /// The key under `extra_data` holding our prompt id. Old servers ignore our `prompt_id` and
 /// mint their own; the extra data is kept in history and queue entries, so our id can still
@@ -231,7 +243,7 @@ pub async fn run_job(
     async {
         let prompt = prepare_prompt(client, job, prompt_id).await?;
         let followed = submit(client, &prompt, prompt_id, client_id, &mut on_progress).await?;
-        let entry = follow(client, &followed, events, &mut on_progress).await?;
+        let entry = follow(client, &followed, events, QUIET_CHECK, &mut on_progress).await?;
         let outputs = collect(
             client,
             &followed,
@@ -242,6 +254,66 @@ pub async fn run_job(
         )
         .await?;
         info!(outputs = outputs.len(), "prompt finished");
+        Ok(outputs)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Picks up a prompt that may have been posted before (a daemon restart, a node reconnect)
+/// and returns its stored outputs, without ever posting anything.
+///
+/// `prompt_id` is the id the server runs the prompt under: ours, or the one an old server
+/// minted (reported by [`JobProgress::Submitted`]). Where the prompt stands decides:
+///
+/// - in `/history/{id}`: its outputs are collected (or its recorded error returned);
+/// - running or pending in `/queue`: it is followed to the end like [`run_job`] does,
+///   reporting [`JobProgress::Started`] at once when it is the one running;
+/// - neither, [`UNKNOWN_CHECKS_BEFORE_LOST`] looks in a row (well under 2 s): the node forgot
+///   it, and [`JobError::Lost`] says that submitting it again is safe.
+///
+/// `events` should be subscribed to the node's socket before the call, as for [`run_job`].
+/// Events reach only the socket whose client id posted the prompt; if the node reconnected
+/// under another id, none arrive and the prompt is followed by polling, starting with short
+/// pauses since this prompt's events may never come.
+pub async fn resume_job(
+    client: &ComfyClient,
+    prompt_id: &str,
+    output_kind: ArtifactKind,
+    events: broadcast::Receiver<ComfyEvent>,
+    files: &ArtifactFiles,
+    mut on_progress: impl FnMut(JobProgress),
+) -> Result<Vec<ArtifactMeta>, JobError> {
+    let span = tracing::info_span!("comfy_resume", prompt_id, node_url = %client.base_url());
+    async {
+        let mut unknown_checks = 0;
+        let entry = loop {
+            match check(client, prompt_id, &mut unknown_checks).await? {
+                Standing::Finished(entry) => {
+                    info!("prompt finished while we were away; collecting");
+                    break *entry;
+                }
+                Standing::Waiting { running } => {
+                    info!(running, "prompt still queued or running; following it");
+                    if running {
+                        on_progress(JobProgress::Started);
+                    }
+                    break follow(client, prompt_id, events, POLL_MIN, &mut on_progress).await?;
+                }
+                // `check` paused already and gives up after enough looks.
+                Standing::Unconfirmed => {}
+            }
+        };
+        let outputs = collect(
+            client,
+            prompt_id,
+            &entry,
+            output_kind,
+            files,
+            &mut on_progress,
+        )
+        .await?;
+        info!(outputs = outputs.len(), "resumed prompt finished");
         Ok(outputs)
     }
     .instrument(span)
@@ -375,6 +447,7 @@ async fn follow(
     client: &ComfyClient,
     prompt_id: &str,
     mut events: broadcast::Receiver<ComfyEvent>,
+    first_quiet: Duration,
     on_progress: &mut impl FnMut(JobProgress),
 ) -> Result<HistoryEntry, JobError> {
     // Whether ComfyUI is executing our prompt right now: type 1 previews and `executing`
@@ -382,9 +455,9 @@ async fn follow(
     let mut ours_running = false;
     let mut unknown_checks = 0;
     let mut succeeded = false;
-    // After a reconnect the prompt's events may be gone for good; check with a growing pause
-    // until one of its events shows up again.
-    let mut quiet = QUIET_CHECK;
+    // After a reconnect (or when resuming) the prompt's events may be gone for good; check
+    // with a growing pause until one of its events shows up again.
+    let mut quiet = first_quiet;
     let signal = loop {
         let wait = if succeeded { SUCCESS_GRACE } else { quiet };
         let event = match tokio::time::timeout(wait, events.recv()).await {
@@ -393,8 +466,8 @@ async fn follow(
                 // The receiver goes on from the oldest retained event; the end may be lost.
                 warn!(missed, "event channel lagged; checking history");
                 match check(client, prompt_id, &mut unknown_checks).await? {
-                    Some(entry) => return Ok(entry),
-                    None => continue,
+                    Standing::Finished(entry) => return Ok(*entry),
+                    _ => continue,
                 }
             }
             Ok(Err(RecvError::Closed)) => {
@@ -405,8 +478,8 @@ async fn follow(
             Err(_quiet) => {
                 debug!("no event for a while; checking history");
                 match check(client, prompt_id, &mut unknown_checks).await? {
-                    Some(entry) => return Ok(entry),
-                    None => {
+                    Standing::Finished(entry) => return Ok(*entry),
+                    _ => {
                         quiet = (quiet * 2).min(QUIET_CHECK);
                         continue;
                     }
@@ -422,8 +495,9 @@ async fn follow(
             // Only the first status of a connection has `sid`: the node's socket reconnected.
             ComfyEvent::Status { sid: Some(_), .. } => {
                 debug!("event socket reconnected; checking history");
-                if let Some(entry) = check(client, prompt_id, &mut unknown_checks).await? {
-                    return Ok(entry);
+                let standing = check(client, prompt_id, &mut unknown_checks).await?;
+                if let Standing::Finished(entry) = standing {
+                    return Ok(*entry);
                 }
                 quiet = POLL_MIN;
             }
@@ -490,7 +564,7 @@ async fn follow(
 async fn finished_entry(client: &ComfyClient, prompt_id: &str) -> Result<HistoryEntry, JobError> {
     let mut pause = HISTORY_LAG_FIRST_PAUSE;
     for _ in 0..HISTORY_LAG_ATTEMPTS {
-        if let Some(entry) = history(client, prompt_id).await? {
+        if let Some(entry) = patiently(client, || history(client, prompt_id)).await? {
             return Ok(entry);
         }
         tokio::time::sleep(pause).await;
@@ -505,35 +579,37 @@ async fn poll(client: &ComfyClient, prompt_id: &str) -> Result<HistoryEntry, Job
     let mut pause = POLL_MIN;
     let mut unknown_checks = 0;
     loop {
-        if let Some(entry) = check(client, prompt_id, &mut unknown_checks).await? {
-            return Ok(entry);
+        if let Standing::Finished(entry) = check(client, prompt_id, &mut unknown_checks).await? {
+            return Ok(*entry);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(POLL_MAX);
     }
 }
 
-/// One look at where the prompt stands: its history entry if finished, `None` if still
-/// queued or running, [`JobError::Lost`] once it has been unknown too many times in a row.
+/// Where a prompt stands after one look at the node.
+enum Standing {
+    /// In history: finished, well or not (boxed: an entry is large next to the others).
+    Finished(Box<HistoryEntry>),
+    /// In the queue, executing now or waiting.
+    Waiting { running: bool },
+    /// Neither, not (yet) often enough in a row to call it lost.
+    Unconfirmed,
+}
+
+/// One look at where the prompt stands, riding out a node that is briefly unreachable
+/// ([`TRANSPORT_GRACE`]). [`JobError::Lost`] once the prompt has been unknown
+/// [`UNKNOWN_CHECKS_BEFORE_LOST`] times in a row; an unconfirmed look pauses [`POLL_MIN`]
+/// before returning, so callers can simply look again.
 async fn check(
     client: &ComfyClient,
     prompt_id: &str,
     unknown_checks: &mut u32,
-) -> Result<Option<HistoryEntry>, JobError> {
-    if let Some(entry) = history(client, prompt_id).await? {
-        return Ok(Some(entry));
-    }
-    let queue = client.queue().await.map_err(|source| JobError::Transport {
-        prompt_id: prompt_id.into(),
-        source,
-    })?;
-    if queue.contains(prompt_id) {
+) -> Result<Standing, JobError> {
+    let standing = patiently(client, || look(client, prompt_id)).await?;
+    if !matches!(standing, Standing::Unconfirmed) {
         *unknown_checks = 0;
-        return Ok(None);
-    }
-    // Finished between the two requests?
-    if let Some(entry) = history(client, prompt_id).await? {
-        return Ok(Some(entry));
+        return Ok(standing);
     }
     *unknown_checks += 1;
     if *unknown_checks >= UNKNOWN_CHECKS_BEFORE_LOST {
@@ -544,7 +620,49 @@ async fn check(
         });
     }
     tokio::time::sleep(POLL_MIN).await;
-    Ok(None)
+    Ok(Standing::Unconfirmed)
+}
+
+/// History, then queue, then history again (the prompt may finish between the two).
+async fn look(client: &ComfyClient, prompt_id: &str) -> Result<Standing, JobError> {
+    if let Some(entry) = history(client, prompt_id).await? {
+        return Ok(Standing::Finished(Box::new(entry)));
+    }
+    let queue = client.queue().await.map_err(|source| JobError::Transport {
+        prompt_id: prompt_id.into(),
+        source,
+    })?;
+    if queue.contains(prompt_id) {
+        let running = queue.running.iter().any(|id| id == prompt_id);
+        return Ok(Standing::Waiting { running });
+    }
+    match history(client, prompt_id).await? {
+        Some(entry) => Ok(Standing::Finished(Box::new(entry))),
+        None => Ok(Standing::Unconfirmed),
+    }
+}
+
+/// Runs `ask` until it succeeds, fails for good, or the node has been unreachable for
+/// [`TRANSPORT_GRACE`]: transient transport errors are retried with a growing pause.
+async fn patiently<T, F, Fut>(client: &ComfyClient, mut ask: F) -> Result<T, JobError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, JobError>>,
+{
+    let since = Instant::now();
+    let mut pause = POLL_MIN;
+    loop {
+        match ask().await {
+            Err(JobError::Transport { source, .. })
+                if source.is_transient() && since.elapsed() + pause < TRANSPORT_GRACE =>
+            {
+                warn!(cause = %source, node_url = %client.base_url(), "node unreachable; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(POLL_MAX);
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn history(client: &ComfyClient, prompt_id: &str) -> Result<Option<HistoryEntry>, JobError> {
