@@ -114,6 +114,8 @@ fn stats_json(shared: &Shared) -> Value {
         "prompts_received": Shared::count(&counters.prompts_received),
         "prompts_finished": Shared::count(&counters.prompts_finished),
         "ws_connections": Shared::count(&counters.ws_connections),
+        "prompts_by_id": counters.prompts_by_id(),
+        "duplicate_prompts": counters.duplicate_prompts(),
         "queue_remaining": state.queue_remaining(),
         "switches": state.switches,
     })
@@ -170,6 +172,16 @@ impl ComfySim {
     /// `POST /prompt` requests seen, accepted or not.
     pub fn prompts_received(&self) -> usize {
         Shared::count(&self.shared.counters.prompts_received)
+    }
+
+    /// `POST /prompt` requests per prompt id they named (ours in `extra_data` included).
+    pub fn prompts_by_id(&self) -> std::collections::BTreeMap<String, usize> {
+        self.shared.counters.prompts_by_id()
+    }
+
+    /// Prompt ids posted more than once; empty when every prompt ran at most once.
+    pub fn duplicate_prompts(&self) -> Vec<String> {
+        self.shared.counters.duplicate_prompts()
     }
 
     /// WebSocket connections accepted so far.

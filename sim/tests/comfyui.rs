@@ -870,3 +870,29 @@ async fn dropped_and_stalled_sockets_still_finish_in_history() {
     assert!(silent.is_err(), "a stalled server sends nothing");
     sim.stop().await;
 }
+
+/// Exactly-once checks: every POST counts against each id it names, ours in `extra_data`
+/// included, and a simulated restart does not reset the counts.
+#[actix_rt::test]
+async fn stats_count_posts_per_prompt_id() {
+    let sim = start(fast()).await;
+    let ours = "5b0f8f0e-1111-4222-8333-944445555666";
+    let body = json!({"prompt": basic_graph("dup", 1), "prompt_id": ours,
+        "extra_data": {"multiplex_prompt_id": ours}});
+    assert_eq!(post_prompt(&sim, body.clone()).await.0, 200);
+    assert!(sim.duplicate_prompts().is_empty());
+    sim.control(ComfyControl {
+        restart: true,
+        ..ComfyControl::default()
+    });
+    // An old server would mint its own id; ours is still counted from the extra data.
+    let minted = json!({"prompt": basic_graph("dup", 1),
+        "extra_data": {"multiplex_prompt_id": ours}});
+    assert_eq!(post_prompt(&sim, minted).await.0, 200);
+    assert_eq!(sim.prompts_by_id().get(ours), Some(&2));
+    assert_eq!(sim.duplicate_prompts(), vec![ours.to_string()]);
+    let stats = get_json(&sim, "sim/stats").await;
+    assert_eq!(stats["prompts_by_id"][ours], 2);
+    assert_eq!(stats["duplicate_prompts"], json!([ours]));
+    sim.stop().await;
+}

@@ -116,6 +116,7 @@ async fn submit(data: Data, body: web::Bytes) -> HttpResponse {
     let Ok(Value::Object(raw)) = serde_json::from_slice::<Value>(&body) else {
         return server_trouble();
     };
+    data.counters.count_prompt_ids(&raw);
     // Numbered before validation: rejected prompts use up numbers too.
     let number = match raw.get("number").and_then(Value::as_f64) {
         Some(explicit) => json!(explicit),

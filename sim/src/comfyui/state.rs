@@ -3,7 +3,7 @@
 //! few map operations with no `.await` inside.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
@@ -142,12 +142,53 @@ impl State {
     }
 }
 
-/// Counters reported by `GET /sim/stats`.
+/// Counters reported by `GET /sim/stats`. A simulated restart keeps them: they describe
+/// what the client did, for exactly-once checks across restarts.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub prompts_received: AtomicUsize,
     pub ws_connections: AtomicUsize,
     pub prompts_finished: AtomicUsize,
+    /// `POST /prompt` requests per id they name (`prompt_id`, or
+    /// `extra_data.multiplex_prompt_id`; a request naming one id in both counts once).
+    pub prompts_by_id: Mutex<BTreeMap<String, usize>>,
+}
+
+/// Where Multiplex puts its own prompt id, for servers that mint their own.
+const MULTIPLEX_PROMPT_ID: &str = "multiplex_prompt_id";
+
+impl Counters {
+    /// Counts one `POST /prompt` body for every id it names.
+    pub fn count_prompt_ids(&self, body: &Map<String, Value>) {
+        let named = body.get("prompt_id").and_then(Value::as_str);
+        let ours = body
+            .get("extra_data")
+            .and_then(|extra| extra.get(MULTIPLEX_PROMPT_ID))
+            .and_then(Value::as_str);
+        let ids: BTreeSet<&str> = named.into_iter().chain(ours).collect();
+        let mut counts = self.prompts_by_id.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            *counts.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Posts per prompt id.
+    pub fn prompts_by_id(&self) -> BTreeMap<String, usize> {
+        self.prompts_by_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ids posted more than once: GPU work a client asked for twice.
+    pub fn duplicate_prompts(&self) -> Vec<String> {
+        let counts = self.prompts_by_id();
+        counts
+            .into_iter()
+            .filter(|(_, count)| *count > 1)
+            .map(|(id, _)| id)
+            .collect()
+    }
 }
 
 /// Everything the simulator's tasks share.
