@@ -4,6 +4,7 @@
 
 mod flows;
 mod message;
+mod monitor;
 mod routes;
 
 use std::{
@@ -17,6 +18,7 @@ use actix_web::{dev::ServerHandle, web};
 use serde::{Deserialize, Serialize};
 
 pub use flows::FlowBehavior;
+pub use monitor::LangflowControl;
 
 /// One flow the simulator serves.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -94,6 +96,8 @@ pub(crate) struct Shared {
     /// Uploaded files, `{flow_id}/{stamp}_{name}` below this folder.
     storage: tempfile::TempDir,
     runs: AtomicUsize,
+    /// Stored messages, runs per session and the run-time switches.
+    memory: std::sync::Mutex<monitor::Memory>,
 }
 
 impl Shared {
@@ -131,6 +135,7 @@ fn build(
         config,
         storage,
         runs: AtomicUsize::new(0),
+        memory: monitor::new_memory(),
     });
     let data = web::Data::new(shared.clone());
     let configure = move |cfg: &mut web::ServiceConfig| {
@@ -164,6 +169,21 @@ impl LangflowSim {
     /// `POST /api/v1/run/...` requests seen, whatever their outcome.
     pub fn runs_received(&self) -> usize {
         self.shared.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs per session id (runs that got past the key, flow and body checks).
+    pub fn runs_by_session(&self) -> std::collections::BTreeMap<String, usize> {
+        self.shared.runs_by_session()
+    }
+
+    /// Session ids run more than once: a flow asked to do the same work twice.
+    pub fn duplicate_sessions(&self) -> Vec<String> {
+        self.shared.duplicate_sessions()
+    }
+
+    /// Applies a run-time change, as `POST /sim/control` does.
+    pub fn control(&self, control: LangflowControl) {
+        self.shared.apply_control(control);
     }
 
     /// The configured flows (ids and endpoint names to call).

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use multiplex_sim::langflow::LangflowControl;
 use multiplex_sim::{FlowBehavior, LangflowSim, LangflowSimConfig};
 use serde_json::{json, Value};
 
@@ -271,5 +272,123 @@ async fn visual_narration_reads_the_uploaded_file() {
         answer_text(&answer).starts_with("A 5-frame png clip at 40x30."),
         "{answer}"
     );
+    sim.stop().await;
+}
+
+async fn messages(sim: &LangflowSim, session: &str, key: Option<&str>) -> (u16, Value) {
+    let mut url = sim.url().join("api/v1/monitor/messages").unwrap();
+    url.query_pairs_mut().append_pair("session_id", session);
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(key) = key {
+        request = request.header("x-api-key", key);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// Polls the session's messages every 10 ms for up to 10 s until `ready` holds.
+async fn messages_until(sim: &LangflowSim, session: &str, ready: impl Fn(&Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, listed) = messages(sim, session, Some(KEY)).await;
+        if ready(&listed) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "messages: {listed}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+fn senders(listed: &Value) -> Vec<&str> {
+    let all = listed.as_array().map(Vec::as_slice).unwrap_or_default();
+    all.iter().filter_map(|m| m["sender"].as_str()).collect()
+}
+
+/// 08_flow_readback_and_messages: a run leaves the user's message and the answer behind.
+#[actix_rt::test]
+async fn runs_leave_messages_in_the_recorded_shape() {
+    let sim = start(Some(KEY)).await;
+    let body = json!({"input_value": "hello from the daemon", "session_id": "sess-m"});
+    assert_eq!(run(&sim, ECHO, Some(KEY), body).await.0, 200);
+    let (status, listed) = messages(&sim, "sess-m", Some(KEY)).await;
+    assert_eq!(status, 200);
+    assert_eq!(senders(&listed), ["User", "Machine"]);
+    let answer = &listed[1];
+    assert_eq!(answer["text"], "hello from the daemon");
+    assert_eq!(answer["flow_id"], ECHO);
+    assert_eq!(answer["session_id"], "sess-m");
+    assert_eq!(answer["sender_name"], "AI");
+    assert_eq!(answer["files"], "[]");
+    assert_eq!(answer["properties"]["source"]["id"], "ChatInput-aaaa1");
+    assert!(answer["timestamp"].as_str().unwrap().ends_with(" UTC"));
+    assert_eq!(messages(&sim, "other", Some(KEY)).await.1, json!([]));
+    assert_eq!(messages(&sim, "sess-m", None).await.0, 403);
+    assert_eq!(messages(&sim, "sess-m", Some("wrong")).await.0, 403);
+
+    // The failing flow leaves an error message from its component instead of an answer.
+    let body = json!({"input_value": "x", "session_id": "sess-f"});
+    assert_eq!(run(&sim, "fail", Some(KEY), body).await.0, 500);
+    let (_, listed) = messages(&sim, "sess-f", Some(KEY)).await;
+    assert_eq!(senders(&listed), ["User", "Combine Text"]);
+    assert_eq!(listed[1]["category"], "error");
+    sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn switches_slow_runs_and_fail_them() {
+    let sim = start(Some(KEY)).await;
+    sim.control(LangflowControl {
+        run_delay_ms: Some(300),
+        ..LangflowControl::default()
+    });
+    // A slow run shows its question at once and its answer only at the end.
+    let body = json!({"input_value": "slow", "session_id": "sess-slow"});
+    let slow = run(&sim, ECHO, Some(KEY), body);
+    let watch = async {
+        messages_until(&sim, "sess-slow", |m| senders(m) == ["User"]).await;
+        messages_until(&sim, "sess-slow", |m| senders(m) == ["User", "Machine"]).await;
+    };
+    let ((status, _), ()) = tokio::join!(slow, watch);
+    assert_eq!(status, 200);
+
+    sim.control(LangflowControl {
+        run_delay_ms: Some(0),
+        fail_next_503: Some(1),
+        fail_next_500: Some(1),
+    });
+    // A proxy timeout: the flow ran, the client only sees an HTML 503.
+    let url = sim.url().join(&format!("api/v1/run/{ECHO}")).unwrap();
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("x-api-key", KEY)
+        .json(&json!({"input_value": "lost answer", "session_id": "sess-503"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.text().await.unwrap().contains("<html>"));
+    let (_, listed) = messages(&sim, "sess-503", Some(KEY)).await;
+    assert_eq!(senders(&listed), ["User", "Machine"]);
+
+    let body = json!({"input_value": "x", "session_id": "sess-500"});
+    let (status, answer) = run(&sim, ECHO, Some(KEY), body.clone()).await;
+    assert_eq!(status, 500);
+    assert!(answer["detail"].is_string());
+    // The switches are used up.
+    assert_eq!(run(&sim, ECHO, Some(KEY), body).await.0, 200);
+
+    assert_eq!(sim.duplicate_sessions(), vec!["sess-500".to_string()]);
+    assert_eq!(sim.runs_by_session().get("sess-slow"), Some(&1));
+    let stats: Value = reqwest::get(sim.url().join("sim/stats").unwrap())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["runs_by_session"]["sess-500"], 2);
+    assert_eq!(stats["duplicate_sessions"], json!(["sess-500"]));
     sim.stop().await;
 }

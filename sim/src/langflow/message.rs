@@ -52,6 +52,18 @@ fn properties(source: Option<(&str, &str)>, error: bool) -> Value {
 }
 
 impl Message {
+    /// The record `GET /api/v1/monitor/messages` lists (08_flow_readback_and_messages),
+    /// stamped now: LangFlow stores the answer when the run ends, not when it starts.
+    pub fn record(&self, run: &RunIds) -> Value {
+        let (sender, sender_name) = self.sender();
+        json!({"id": self.id, "flow_id": run.flow_id, "timestamp": timestamp(),
+            "sender": sender, "sender_name": sender_name, "session_id": run.session_id,
+            "context_id": "", "text": self.text, "files": "[]", "edit": false,
+            "duration": null, "properties": properties(self.source, false),
+            "category": "message", "content_blocks": [],
+            "session_metadata": {"graph_run_id": run.run_id}})
+    }
+
     fn sender(&self) -> (&'static str, &'static str) {
         if self.from_user {
             ("User", "User")
@@ -142,6 +154,16 @@ pub(crate) fn error_message(run: &RunIds, component: (&str, &str), reason: &str)
         "category": "error", "content_blocks": content, "duration": null,
         "session_metadata": {"graph_run_id": run.run_id}, "text": format!("{reason}\n"),
         "id": id})
+}
+
+/// The stored record of a component's failure: sender is the component, category `error`.
+pub(crate) fn error_record(run: &RunIds, component: (&str, &str), reason: &str) -> Value {
+    json!({"id": uuid::Uuid::new_v4().to_string(), "flow_id": run.flow_id,
+        "timestamp": timestamp(), "sender": component.1, "sender_name": component.1,
+        "session_id": run.session_id, "context_id": "", "text": format!("{reason}\n"),
+        "files": "[]", "edit": false, "duration": null,
+        "properties": properties(Some(component), true), "category": "error",
+        "content_blocks": [], "session_metadata": {"graph_run_id": run.run_id}})
 }
 
 /// Writes JSON with Python's default separators (`", "` and `": "`), the

@@ -3,6 +3,7 @@
 //! - `GET  /health`, `/health_check`, `/api/v1/version`
 //! - `POST /api/v1/run/{flow_id_or_endpoint_name}` (`?stream=true` streams)
 //! - `POST /api/v1/files/upload/{flow_id}` (multipart `file`)
+//! - the stored messages and the simulator's switches: see [`super::monitor`]
 //!
 //! Check order follows LangFlow 1.13 (checked against a real server): malformed
 //! JSON (422), then the API key (403, even for a flow that does not exist), then
@@ -19,6 +20,7 @@ use serde_json::{json, Map, Value};
 use super::{
     flows::{self, FlowBehavior},
     message::{self, Message, RunIds},
+    monitor::{self, Injected},
     Shared, SimFlow,
 };
 
@@ -30,6 +32,10 @@ const MISSING_KEY: &str = "Since v1.5, LANGFLOW_AUTO_LOGIN requires a valid API 
 const CHAT_CONFLICT: &str =
     "If you pass an input_value to the chat input, you cannot pass a tweak with the same name.";
 const FAILURE: &str = "simulated failure (multiplex-sim fail flow)";
+/// What nginx answers when LangFlow takes longer than its proxy timeout.
+const PROXY_TIMEOUT_PAGE: &str = "<html>\r\n<head><title>503 Service Temporarily Unavailable\
+    </title></head>\r\n<body>\r\n<center><h1>503 Service Temporarily Unavailable</h1>\
+    </center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route(
@@ -52,6 +58,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         web::route().to(|| async { detail(405, "Method Not Allowed") }),
     )
     .route("/api/v1/files/upload/{flow}", web::post().to(upload))
+    .configure(monitor::configure)
     .default_service(web::to(|| async { detail(404, "Not Found") }));
 }
 
@@ -66,7 +73,7 @@ fn detail(status: u16, text: &str) -> HttpResponse {
 }
 
 #[derive(Deserialize)]
-struct KeyQuery {
+pub(crate) struct KeyQuery {
     #[serde(rename = "x-api-key")]
     api_key: Option<String>,
     #[serde(default)]
@@ -88,6 +95,15 @@ const UPLOAD_REFUSALS: Refusals = Refusals {
     missing: "No authentication credentials provided",
     wrong: "Invalid API key",
 };
+
+/// [`refuse_key`] worded as the run route (and the monitor routes) word it.
+pub(crate) fn refuse_run_key(
+    data: &Shared,
+    req: &HttpRequest,
+    query: &KeyQuery,
+) -> Option<HttpResponse> {
+    refuse_key(data, req, query, &RUN_REFUSALS)
+}
 
 /// `None` when the key is acceptable, else the 403 answer.
 fn refuse_key(
@@ -239,10 +255,16 @@ async fn run(
     }
     tracing::debug!(flow = %flow.id, stream = query.stream, "run");
     let plan = Plan::new(&data, &flow, &request);
+    let ticket = data.begin_run(&plan.ids.session_id, plan.question.record(&plan.ids));
+    let data: Arc<Shared> = Arc::clone(data.get_ref());
+    if let Some(injected) = ticket.injected {
+        return plan.injected(injected, ticket.delay_ms, &data).await;
+    }
     if query.stream {
-        plan.stream(data.config.token_delay_ms)
+        plan.stream(data.config.token_delay_ms, ticket.delay_ms, data)
     } else {
-        plan.answer(data.config.token_delay_ms).await
+        plan.answer(data.config.token_delay_ms, ticket.delay_ms, &data)
+            .await
     }
 }
 
@@ -330,12 +352,37 @@ impl Plan {
         message::failure_detail(self.behavior.middle().1, FAILURE)
     }
 
-    async fn answer(self, token_delay_ms: u64) -> HttpResponse {
+    /// The record a failing run ends with.
+    fn error_record(&self) -> Value {
+        message::error_record(&self.ids, self.behavior.middle(), FAILURE)
+    }
+
+    /// A run failed on purpose by a switch, streamed or not: the failure comes before any
+    /// body. A proxy timeout lets the run finish behind it.
+    async fn injected(self, injected: Injected, run_delay_ms: u64, data: &Shared) -> HttpResponse {
+        tokio::time::sleep(Duration::from_millis(run_delay_ms)).await;
+        match injected {
+            Injected::ProxyTimeout => {
+                data.store_message(self.answer.record(&self.ids));
+                HttpResponse::ServiceUnavailable()
+                    .content_type("text/html")
+                    .body(PROXY_TIMEOUT_PAGE)
+            }
+            Injected::ServerError => {
+                data.store_message(self.error_record());
+                HttpResponse::InternalServerError().json(json!({"detail": self.failure()}))
+            }
+        }
+    }
+
+    async fn answer(self, token_delay_ms: u64, run_delay_ms: u64, data: &Shared) -> HttpResponse {
         let delay = token_delay_ms.saturating_mul(self.tokens().len() as u64);
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        tokio::time::sleep(Duration::from_millis(delay.saturating_add(run_delay_ms))).await;
         if self.behavior == FlowBehavior::Fail {
+            data.store_message(self.error_record());
             return HttpResponse::InternalServerError().json(json!({"detail": self.failure()}));
         }
+        data.store_message(self.answer.record(&self.ids));
         ok(message::run_result(
             &self.ids,
             self.inputs.clone(),
@@ -344,43 +391,58 @@ impl Plan {
         ))
     }
 
-    /// Bare JSON events, each followed by a blank line (05_run_stream).
-    fn stream(self, token_delay_ms: u64) -> HttpResponse {
+    /// Bare JSON events, each followed by a blank line (05_run_stream). The run's closing
+    /// message is stored as the event announcing it goes out, as LangFlow does.
+    fn stream(self, token_delay_ms: u64, run_delay_ms: u64, data: Arc<Shared>) -> HttpResponse {
         let event = |kind: &str, data: Value| {
             format!(
                 "{}\n\n",
                 message::python_json(&json!({"event": kind, "data": data}))
             )
         };
+        // (pause before, text, record to store when sent)
         let mut events = vec![(
             0,
             event("add_message", self.question.object(&self.ids, true)),
+            None,
         )];
         if self.behavior == FlowBehavior::Fail {
             let error = message::error_message(&self.ids, self.behavior.middle(), FAILURE);
-            events.push((0, event("error", error)));
+            events.push((0, event("error", error), Some(self.error_record())));
             let detail = format!("500: {}", self.failure());
-            events.push((0, event("error", json!({"error": detail}))));
+            events.push((0, event("error", json!({"error": detail})), None));
         } else {
             for chunk in self.tokens() {
                 let data = json!({"chunk": chunk, "id": self.answer.id,
                     "timestamp": message::timestamp()});
-                events.push((token_delay_ms, event("token", data)));
+                events.push((token_delay_ms, event("token", data), None));
             }
-            events.push((0, event("add_message", self.answer.object(&self.ids, true))));
+            let answer = self.answer.object(&self.ids, true);
+            let record = self.answer.record(&self.ids);
+            events.push((0, event("add_message", answer), Some(record)));
             let result = message::run_result(
                 &self.ids,
                 self.inputs.clone(),
                 &self.answer,
                 &self.output_id,
             );
-            events.push((0, event("end", json!({"result": result}))));
+            events.push((0, event("end", json!({"result": result})), None));
         }
-        let body = stream::iter(events).then(|(delay, text)| async move {
-            if delay > 0 {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
+        // The flow's own work (run_delay_ms) comes after the user's message.
+        if let Some(first_after) = events.get_mut(1) {
+            first_after.0 += run_delay_ms;
+        }
+        let body = stream::iter(events).then(move |(delay, text, record)| {
+            let data = data.clone();
+            async move {
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                if let Some(record) = record {
+                    data.store_message(record);
+                }
+                Ok::<_, Infallible>(web::Bytes::from(text))
             }
-            Ok::<_, Infallible>(web::Bytes::from(text))
         });
         HttpResponse::Ok()
             .content_type("text/event-stream; charset=utf-8")
