@@ -17,6 +17,7 @@
 //! - `template` and `comfy_graph`: ComfyUI templates and API-format graph handling.
 //! - `catalog`: what the cluster offers and what a step needs ([`Requirement`]).
 //! - `plan`: edges, handles, cycles and ordering.
+//! - `retry`: the per-step [`RetryPolicy`] (`data.retry` over `options.retry` over default).
 //! - `render`: steps into jobs.
 //!
 //! The `data` fields of each step type are the contract between canvas, REST, MCP and CLI;
@@ -28,6 +29,7 @@ mod document;
 mod issue;
 mod plan;
 mod render;
+mod retry;
 mod step;
 mod template;
 
@@ -38,6 +40,7 @@ pub use catalog::{Catalog, Requirement, Service, GENERIC_COMFY};
 pub use issue::{codes, ValidationIssue};
 pub use plan::{Plan, PlannedStep, RunOptions, StepInput};
 pub use render::{ComfyJob, InputArtifact, Job, LangflowJob, RenderError, UploadSlot};
+pub use retry::{RetryPolicy, MAX_BACKOFF};
 pub use step::{StepKind, PROMPT_EXPANSION_FLOW};
 pub use template::{
     ParamSource, ParamSpec, ParamType, Target, Template, TemplateError, TemplateKind,

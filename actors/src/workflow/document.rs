@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::issue::{codes, describe, Issues};
 use super::plan::RunOptions;
+use super::retry::{self, RetryPolicy};
 
 /// The document, reduced to what planning needs. Entries that were too broken to use (no id)
 /// have already been reported and dropped.
@@ -68,16 +69,7 @@ pub(crate) fn read(document: &Value, issues: &mut Issues) -> Option<Document> {
         }
     };
 
-    let options = match root.get("options") {
-        None | Some(Value::Null) => RunOptions::default(),
-        Some(value) => match serde_json::from_value::<RunOptions>(value.clone()) {
-            Ok(options) => options,
-            Err(err) => {
-                issues.document(Some("options"), format!("options are invalid: {err}"));
-                RunOptions::default()
-            }
-        },
-    };
+    let options = read_options(root.get("options"), issues);
 
     let nodes = match root.get("nodes") {
         Some(Value::Array(nodes)) => read_nodes(nodes, issues),
@@ -117,6 +109,37 @@ pub(crate) fn read(document: &Value, issues: &mut Issues) -> Option<Document> {
         nodes,
         edges,
     })
+}
+
+/// Reads `options`. `retry` is checked by hand, so that a bad value is named by its field
+/// (`options.retry.attempts`) and its range is enforced; the rest goes through serde, which
+/// refuses unknown option names.
+fn read_options(options: Option<&Value>, issues: &mut Issues) -> RunOptions {
+    let mut options = match options {
+        None | Some(Value::Null) => return RunOptions::default(),
+        Some(value) => value.clone(),
+    };
+    let retry = match options.as_object_mut().and_then(|o| o.remove("retry")) {
+        None => RetryPolicy::default(),
+        Some(value) => {
+            let (retry, problems) = retry::read(&value);
+            for problem in problems {
+                let field = format!("options.{}", problem.field);
+                issues.document(Some(&field), format!("options {}", problem.message));
+            }
+            RetryPolicy::default().overridden(retry)
+        }
+    };
+    match serde_json::from_value::<RunOptions>(options) {
+        Ok(options) => RunOptions { retry, ..options },
+        Err(err) => {
+            issues.document(Some("options"), format!("options are invalid: {err}"));
+            RunOptions {
+                retry,
+                ..RunOptions::default()
+            }
+        }
+    }
 }
 
 fn read_nodes(nodes: &[Value], issues: &mut Issues) -> Vec<RawNode> {

@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::catalog::{Catalog, Requirement, Service};
 use super::document::{self, RawEdge};
 use super::issue::{codes, Issues, ValidationIssue};
+use super::retry::RetryPolicy;
 use super::step::{self, Port, StepDraft, StepKind, StepSpec};
 use crate::artifact::ArtifactKind;
 
@@ -27,11 +28,17 @@ pub struct RunOptions {
     /// Stop starting new steps once one step fails (running ones finish). When false,
     /// independent branches continue and only the failed step's dependents are skipped.
     pub fail_fast: bool,
+    /// The retry policy of every remote step that sets no `data.retry` of its own, field by
+    /// field: a step giving only `attempts` takes `backoff_ms` from here.
+    pub retry: RetryPolicy,
 }
 
 impl Default for RunOptions {
     fn default() -> RunOptions {
-        RunOptions { fail_fast: true }
+        RunOptions {
+            fail_fast: true,
+            retry: RetryPolicy::default(),
+        }
     }
 }
 
@@ -57,12 +64,21 @@ pub struct PlannedStep {
     /// `None` when the step runs inside the daemon (an intent without expansion, output).
     pub requirement: Option<Requirement>,
     pub(crate) spec: StepSpec,
+    /// Resolved when planning: `data.retry`, else `options.retry`, else the default.
+    retry: RetryPolicy,
 }
 
 impl PlannedStep {
     /// Whether the daemon does the step itself, without a node.
     pub fn runs_in_daemon(&self) -> bool {
         self.requirement.is_none()
+    }
+
+    /// How the step is retried: each field from the step's `data.retry`, else from the
+    /// document's `options.retry`, else from [`RetryPolicy::default`]. Only meaningful for
+    /// steps that run on a node; a daemon step gets the run-wide policy.
+    pub fn retry(&self) -> RetryPolicy {
+        self.retry
     }
 
     /// The ComfyUI template the step renders from, if any.
@@ -641,6 +657,7 @@ fn assemble(
             produces: draft.produces,
             requirement: draft.requirement,
             spec: draft.spec,
+            retry: options.retry.overridden(draft.retry),
         });
     }
     let steps: Vec<PlannedStep> = slots.into_iter().flatten().collect();

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use super::catalog::{Catalog, Requirement, Service, GENERIC_COMFY};
 use super::comfy_graph;
 use super::issue::{codes, describe, Issues};
+use super::retry::{self, RetryOverride};
 use super::template::{Template, TemplateKind};
 use crate::artifact::ArtifactKind;
 
@@ -184,6 +185,8 @@ pub(crate) struct StepDraft {
     pub ports: Vec<Port>,
     pub produces: Option<ArtifactKind>,
     pub requirement: Option<Requirement>,
+    /// What `data.retry` sets (nothing for steps that run in the daemon).
+    pub retry: RetryOverride,
 }
 
 /// Reads one node's data. Returns `None` when the step is too broken to check its edges
@@ -195,8 +198,20 @@ pub(crate) fn read(
     catalog: &Catalog,
     issues: &mut Issues,
 ) -> Option<StepDraft> {
+    // `retry` belongs to the step, not to its type: read it here and hide it from the
+    // readers below (for image and video, every other key is a template parameter).
+    let without_retry;
+    let (data, retry) = match data.get("retry") {
+        None => (data, RetryOverride::default()),
+        Some(value) => {
+            let mut rest = data.clone();
+            rest.remove("retry");
+            without_retry = rest;
+            (&without_retry, read_retry(id, kind, data, value, issues))
+        }
+    };
     let mut reader = DataReader { id, data, issues };
-    match kind {
+    let draft = match kind {
         StepKind::Intent => read_intent(&mut reader),
         StepKind::Image => read_templated(&mut reader, catalog, TemplateKind::Image),
         StepKind::Video => read_templated(&mut reader, catalog, TemplateKind::Video),
@@ -207,10 +222,52 @@ pub(crate) fn read(
             ports: vec![Port::new("in", &ALL_KINDS, true, None)],
             produces: None,
             requirement: None,
+            retry: RetryOverride::default(),
         }),
         StepKind::ComfyUi => read_comfyui(&mut reader, catalog),
         StepKind::LangFlow => read_langflow(&mut reader),
+    };
+    draft.map(|draft| StepDraft { retry, ..draft })
+}
+
+/// Checks a step's `data.retry`. Steps that run remotely take it; an `output` ignores it
+/// (its data is all ignored); an intent takes it only with `expand: true`, the one case in
+/// which it runs on a node.
+fn read_retry(
+    id: &str,
+    kind: StepKind,
+    data: &Map<String, Value>,
+    value: &Value,
+    issues: &mut Issues,
+) -> RetryOverride {
+    let expand_off = matches!(
+        data.get("expand"),
+        None | Some(Value::Null) | Some(Value::Bool(false))
+    );
+    match kind {
+        StepKind::Output => return RetryOverride::default(),
+        StepKind::Intent if expand_off && !value.is_null() => {
+            let message = format!(
+                "intent '{id}' runs in the daemon, so retry does not apply; it applies with \
+                 expand: true"
+            );
+            issues.node(codes::INVALID_PARAMETER, id, Some("data.retry"), message);
+            return RetryOverride::default();
+        }
+        _ => {}
     }
+    let (retry, problems) = retry::read(value);
+    for problem in problems {
+        let code = if problem.unknown {
+            codes::UNKNOWN_PARAMETER
+        } else {
+            codes::INVALID_PARAMETER
+        };
+        let field = format!("data.{}", problem.field);
+        let message = format!("step '{id}' {}", problem.message);
+        issues.node(code, id, Some(&field), message);
+    }
+    retry
 }
 
 const ALL_KINDS: [ArtifactKind; 4] = [
@@ -348,6 +405,7 @@ fn read_intent(reader: &mut DataReader<'_>) -> Option<StepDraft> {
         vram_mb: 0,
     });
     Some(StepDraft {
+        retry: RetryOverride::default(),
         kind: StepKind::Intent,
         spec: StepSpec::Intent { prompt, expand },
         ports: Vec::new(),
@@ -404,6 +462,7 @@ fn read_templated(
         output: template.output,
     };
     Some(StepDraft {
+        retry: RetryOverride::default(),
         kind,
         spec: StepSpec::Comfy(spec),
         ports,
@@ -560,6 +619,7 @@ fn read_narration(reader: &mut DataReader<'_>) -> Option<StepDraft> {
     };
     let flow = flow.unwrap_or_else(|| default_flow.to_owned());
     Some(StepDraft {
+        retry: RetryOverride::default(),
         kind: StepKind::Narration,
         requirement: Some(langflow_requirement(&flow)),
         spec: StepSpec::Narration { mode, flow, prompt },
@@ -619,6 +679,7 @@ fn read_langflow(reader: &mut DataReader<'_>) -> Option<StepDraft> {
         }
     };
     Some(StepDraft {
+        retry: RetryOverride::default(),
         kind: StepKind::LangFlow,
         requirement: Some(langflow_requirement(&flow)),
         spec: StepSpec::Langflow {
@@ -786,6 +847,7 @@ fn read_comfyui(reader: &mut DataReader<'_>, catalog: &Catalog) -> Option<StepDr
         output,
     };
     Some(StepDraft {
+        retry: RetryOverride::default(),
         kind: StepKind::ComfyUi,
         spec: StepSpec::Comfy(spec),
         ports,

@@ -660,13 +660,17 @@ fn odd_json_never_panics() {
         documents.push(json!({"name": odd, "nodes": odd, "edges": odd, "options": odd}));
         documents.push(json!({"nodes": [{"id": odd, "type": odd, "data": odd}]}));
         documents.push(json!({"nodes": [odd], "edges": [odd]}));
+        documents.push(json!({"nodes": [intent("a")], "options": {"retry": odd}}));
+        documents.push(json!({"nodes": [{"id": "n", "type": "langflow",
+            "data": {"flow": "f", "retry": {"attempts": odd, "backoff_ms": odd, "x": odd}}}],
+            "options": {"retry": {"attempts": odd, "backoff_ms": odd, "x": odd}}}));
         for kind in StepKind::ALL {
             documents.push(
                 json!({"nodes": [intent("t"), {"id": "n", "type": kind.as_str(),
                 "data": {"prompt": odd, "template": odd, "width": odd, "steps": odd,
                          "mode": odd, "flow": odd, "workflow": odd, "bindings": odd,
                          "parameters": odd, "tweaks": odd, "input": odd, "output": odd,
-                         "expand": odd, "seed": odd}}],
+                         "expand": odd, "seed": odd, "retry": odd}}],
                 "edges": [{"id": "e", "source": "t", "target": "n", "sourceHandle": odd,
                            "targetHandle": odd}, {"id": odd, "source": odd, "target": odd}]}),
             );
@@ -681,6 +685,294 @@ fn odd_json_never_panics() {
         // Either outcome is fine; reaching the next line is the test.
         let _ = plan(&document);
     }
+}
+
+// === retry policies ===
+
+/// A document whose step `n`, of type `kind`, plans cleanly once `data` holds `retry`
+/// (`null`: none). Upstream steps feed the inputs `n` needs.
+fn retry_doc(kind: StepKind, retry: Value, options: Value) -> Value {
+    let mut data = match kind {
+        StepKind::Intent => json!({"prompt": "x", "expand": true}),
+        StepKind::Image => json!({"prompt": "x"}),
+        StepKind::Video | StepKind::Output => json!({}),
+        StepKind::Narration => json!({"mode": "text"}),
+        StepKind::ComfyUi => json!({"template": "invert-image"}),
+        StepKind::LangFlow => json!({"flow": "narration-text"}),
+    };
+    if !retry.is_null() {
+        data["retry"] = retry;
+    }
+    let feed = match kind {
+        StepKind::Video | StepKind::ComfyUi => Some("still"),
+        StepKind::Narration | StepKind::Output => Some("brief"),
+        _ => None,
+    };
+    let mut nodes = vec![
+        intent("brief"),
+        json!({"id": "still", "type": "image", "data": {"prompt": "x"}}),
+    ];
+    nodes.push(json!({"id": "n", "type": kind.as_str(), "data": data}));
+    let edges: Vec<Value> = feed.map(|from| edge("e", from, "n")).into_iter().collect();
+    json!({"name": "t", "options": options, "nodes": nodes, "edges": edges})
+}
+
+/// The step types that run on a node and so take `data.retry`.
+const REMOTE_KINDS: [StepKind; 6] = [
+    StepKind::Intent,
+    StepKind::Image,
+    StepKind::Video,
+    StepKind::Narration,
+    StepKind::ComfyUi,
+    StepKind::LangFlow,
+];
+
+fn policy(attempts: u32, backoff_ms: u64) -> RetryPolicy {
+    RetryPolicy {
+        attempts,
+        backoff_ms,
+    }
+}
+
+#[test]
+fn retry_default_is_three_attempts_one_second() {
+    assert_eq!(RetryPolicy::default(), policy(3, 1000));
+    assert_eq!(RunOptions::default().retry, RetryPolicy::default());
+    let plan = lighthouse();
+    for step in plan.steps() {
+        assert_eq!(step.retry(), RetryPolicy::default(), "{}", step.id);
+    }
+}
+
+#[test]
+fn retry_step_value_wins_over_options_over_default() {
+    for kind in REMOTE_KINDS {
+        // Nothing set: the default.
+        let planned = plan(&retry_doc(kind, Value::Null, Value::Null)).unwrap();
+        assert_eq!(
+            planned.step("n").unwrap().retry(),
+            policy(3, 1000),
+            "{kind}"
+        );
+
+        // Options only: the options' fields, the default for the rest.
+        let options = json!({"retry": {"attempts": 5}});
+        let planned = plan(&retry_doc(kind, Value::Null, options)).unwrap();
+        assert_eq!(planned.options().retry, policy(5, 1000));
+        assert_eq!(
+            planned.step("n").unwrap().retry(),
+            policy(5, 1000),
+            "{kind}"
+        );
+
+        // Step and options: field by field, the step first.
+        let options = json!({"retry": {"attempts": 5, "backoff_ms": 250}});
+        let step = json!({"attempts": 1});
+        let planned = plan(&retry_doc(kind, step, options)).unwrap();
+        assert_eq!(planned.step("n").unwrap().retry(), policy(1, 250), "{kind}");
+        // Steps without their own retry keep the run-wide one.
+        assert_eq!(planned.step("still").unwrap().retry(), policy(5, 250));
+
+        // Step only.
+        let step = json!({"attempts": 10, "backoff_ms": 0});
+        let planned = plan(&retry_doc(kind, step, json!({}))).unwrap();
+        assert_eq!(planned.step("n").unwrap().retry(), policy(10, 0), "{kind}");
+
+        // Null fields and a null retry mean absent.
+        let step = json!({"attempts": null, "backoff_ms": 600000});
+        let options = json!({"retry": {"attempts": 2, "backoff_ms": null}});
+        let planned = plan(&retry_doc(kind, step, options)).unwrap();
+        assert_eq!(
+            planned.step("n").unwrap().retry(),
+            policy(2, 600_000),
+            "{kind}"
+        );
+        let planned = plan(&retry_doc(kind, json!({}), json!({"retry": null}))).unwrap();
+        assert_eq!(
+            planned.step("n").unwrap().retry(),
+            policy(3, 1000),
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn retry_is_not_a_template_parameter() {
+    let document = retry_doc(StepKind::Image, json!({"attempts": 4}), Value::Null);
+    let plan = plan(&document).unwrap();
+    let job = plan.step("n").unwrap().render(&[], &catalog()).unwrap();
+    assert!(!comfy(job).prompt.to_string().contains("attempts"));
+}
+
+#[test]
+fn retry_in_step_data_is_validated() {
+    let cases = [
+        (
+            json!({"attempts": 0}),
+            codes::INVALID_PARAMETER,
+            "data.retry.attempts",
+        ),
+        (
+            json!({"attempts": 11}),
+            codes::INVALID_PARAMETER,
+            "data.retry.attempts",
+        ),
+        (
+            json!({"attempts": -1}),
+            codes::INVALID_PARAMETER,
+            "data.retry.attempts",
+        ),
+        (
+            json!({"attempts": 2.0}),
+            codes::INVALID_PARAMETER,
+            "data.retry.attempts",
+        ),
+        (
+            json!({"attempts": "3"}),
+            codes::INVALID_PARAMETER,
+            "data.retry.attempts",
+        ),
+        (
+            json!({"attempts": u64::MAX}),
+            codes::INVALID_PARAMETER,
+            "data.retry.attempts",
+        ),
+        (
+            json!({"backoff_ms": 600_001}),
+            codes::INVALID_PARAMETER,
+            "data.retry.backoff_ms",
+        ),
+        (
+            json!({"backoff_ms": -5}),
+            codes::INVALID_PARAMETER,
+            "data.retry.backoff_ms",
+        ),
+        (
+            json!({"backoff_ms": [1]}),
+            codes::INVALID_PARAMETER,
+            "data.retry.backoff_ms",
+        ),
+        (json!(3), codes::INVALID_PARAMETER, "data.retry"),
+        (json!("often"), codes::INVALID_PARAMETER, "data.retry"),
+        (json!([3, 1000]), codes::INVALID_PARAMETER, "data.retry"),
+        (
+            json!({"attempt": 3}),
+            codes::UNKNOWN_PARAMETER,
+            "data.retry.attempt",
+        ),
+        (
+            json!({"attempts": 2, "jitter": true}),
+            codes::UNKNOWN_PARAMETER,
+            "data.retry.jitter",
+        ),
+    ];
+    for kind in REMOTE_KINDS {
+        for (retry, code, field) in &cases {
+            let all = issues(retry_doc(kind, retry.clone(), Value::Null));
+            assert_eq!(all.len(), 1, "{kind} {retry}: {all:#?}");
+            let issue = &all[0];
+            assert_eq!(issue.code, *code, "{kind} {retry}: {issue:#?}");
+            assert_eq!(issue.node.as_deref(), Some("n"));
+            assert_eq!(issue.field.as_deref(), Some(*field), "{kind} {retry}");
+            assert!(issue.message.contains("step 'n'"), "{}", issue.message);
+        }
+    }
+    let issue = only(
+        retry_doc(StepKind::Image, json!({"attempts": 0}), Value::Null),
+        codes::INVALID_PARAMETER,
+    );
+    assert!(
+        issue.message.contains("between 1 and 10, got the number 0"),
+        "{}",
+        issue.message
+    );
+}
+
+#[test]
+fn retry_applies_only_where_the_step_runs_on_a_node() {
+    // An intent without expansion runs in the daemon: nothing to retry.
+    let document = doc(
+        json!([{"id": "a", "type": "intent",
+                "data": {"prompt": "x", "retry": {"attempts": 2}}}]),
+        json!([]),
+    );
+    let issue = only(document, codes::INVALID_PARAMETER);
+    assert_eq!(issue.node.as_deref(), Some("a"));
+    assert_eq!(issue.field.as_deref(), Some("data.retry"));
+    assert!(issue.message.contains("expand"), "{}", issue.message);
+
+    // An output ignores its data, retry included.
+    let document = retry_doc(StepKind::Output, json!({"attempts": 99}), Value::Null);
+    let plan = plan(&document).unwrap();
+    assert_eq!(plan.step("n").unwrap().retry(), RetryPolicy::default());
+}
+
+#[test]
+fn retry_in_options_is_validated() {
+    let cases = [
+        (json!({"attempts": 0}), "options.retry.attempts"),
+        (json!({"attempts": 11}), "options.retry.attempts"),
+        (json!({"attempts": "3"}), "options.retry.attempts"),
+        (json!({"backoff_ms": 600_001}), "options.retry.backoff_ms"),
+        (json!({"backoff_ms": 1.5}), "options.retry.backoff_ms"),
+        (json!({"backoff": 10}), "options.retry.backoff"),
+        (json!(true), "options.retry"),
+    ];
+    for (retry, field) in cases {
+        let options = json!({"fail_fast": false, "retry": retry});
+        let all = issues(retry_doc(StepKind::Image, Value::Null, options));
+        assert_eq!(all.len(), 1, "{retry}: {all:#?}");
+        assert_eq!(all[0].code, codes::INVALID_DOCUMENT);
+        assert_eq!(all[0].node, None);
+        assert_eq!(all[0].field.as_deref(), Some(field), "{retry}");
+        assert!(
+            all[0].message.starts_with("options retry"),
+            "{}",
+            all[0].message
+        );
+    }
+
+    // Unknown option names are still refused, next to a valid retry.
+    let options = json!({"retry": {"attempts": 2}, "fail_fats": false});
+    let issue = only(
+        retry_doc(StepKind::Image, Value::Null, options),
+        codes::INVALID_DOCUMENT,
+    );
+    assert_eq!(issue.field.as_deref(), Some("options"));
+
+    // Options that are not an object are refused as before.
+    let issue = only(
+        retry_doc(StepKind::Image, Value::Null, json!([{"retry": 1}])),
+        codes::INVALID_DOCUMENT,
+    );
+    assert_eq!(issue.field.as_deref(), Some("options"));
+}
+
+#[test]
+fn retry_backoff_doubles_up_to_a_minute() {
+    let ms = std::time::Duration::from_millis;
+    let retry = RetryPolicy::default();
+    assert_eq!(retry.backoff(1), ms(1000));
+    assert_eq!(retry.backoff(2), ms(2000));
+    assert_eq!(retry.backoff(3), ms(4000));
+    assert_eq!(retry.backoff(0), ms(1000));
+    assert_eq!(retry.backoff(7), ms(60_000));
+    assert_eq!(retry.backoff(u32::MAX), MAX_BACKOFF);
+    assert_eq!(policy(3, 0).backoff(9), ms(0));
+    assert_eq!(policy(3, 600_000).backoff(1), ms(60_000));
+    assert_eq!(policy(3, u64::MAX).backoff(64), ms(60_000));
+}
+
+#[test]
+fn retry_policy_serializes_and_fills_defaults() {
+    let value = serde_json::to_value(policy(4, 500)).unwrap();
+    assert_eq!(value, json!({"attempts": 4, "backoff_ms": 500}));
+    let read: RetryPolicy = serde_json::from_value(json!({"attempts": 4})).unwrap();
+    assert_eq!(read, policy(4, 1000));
+    assert!(serde_json::from_value::<RetryPolicy>(json!({"tries": 4})).is_err());
+    let options: RunOptions = serde_json::from_value(json!({"retry": {"backoff_ms": 5}})).unwrap();
+    assert_eq!(options.retry, policy(3, 5));
+    assert!(options.fail_fast);
 }
 
 // === rendering ===
