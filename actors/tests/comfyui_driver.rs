@@ -4,14 +4,16 @@
 //! through a broadcast channel, and `run_job` following one prompt on it. What they guard:
 //! outputs reach the store, uploads are injected under the name ComfyUI returns, errors name
 //! the node at fault, previews bigger than actix's default frame limit get through, and a job
-//! whose event channel is gone still finishes by polling.
+//! whose event channel is gone still finishes by polling. The `resume_*` tests guard the
+//! exactly-once rule of DESIGN.md section 5: a prompt picked up again after a restart is
+//! collected or followed, never posted a second time, and one the node forgot is `Lost`.
 
 use std::net::SocketAddr;
 
 use futures_util::StreamExt;
 use multiplex_actors::artifact::ArtifactKind;
 use multiplex_actors::comfyui::{
-    connect_events, run_job, ComfyClient, ComfyEvent, JobError, JobProgress,
+    connect_events, resume_job, run_job, ComfyClient, ComfyEvent, JobError, JobProgress,
 };
 use multiplex_actors::store::Store;
 use multiplex_actors::workflow::{ComfyJob, UploadSlot};
@@ -87,6 +89,52 @@ impl Harness {
         )
         .await;
         (outcome, progress)
+    }
+}
+
+impl Harness {
+    /// Posts `prompt` the way an earlier daemon would have, and returns its id.
+    async fn post(&self, prompt: &Value) -> String {
+        let prompt_id = uuid::Uuid::new_v4().to_string();
+        let accepted = self
+            .client
+            .submit(prompt, &prompt_id, &self.client_id, None)
+            .await
+            .expect("prompt accepted");
+        assert_eq!(accepted.prompt_id, prompt_id);
+        prompt_id
+    }
+
+    async fn resume(
+        &self,
+        prompt_id: &str,
+        on_progress: impl FnMut(JobProgress),
+    ) -> Result<Vec<multiplex_actors::artifact::ArtifactMeta>, JobError> {
+        resume_job(
+            &self.client,
+            prompt_id,
+            ArtifactKind::Image,
+            self.events.subscribe(),
+            self.store.artifacts(),
+            on_progress,
+        )
+        .await
+    }
+}
+
+/// Polls `done` every 20 ms for up to 10 s.
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
@@ -423,4 +471,149 @@ async fn an_interrupted_prompt_reports_interrupted() {
     assert!(matches!(err, JobError::Interrupted { .. }), "{err:?}");
     assert!(!err.is_retryable());
     node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn resuming_a_finished_prompt_collects_without_posting() {
+    let node = Harness::start(fast()).await;
+    let prompt_id = node.post(&basic_prompt()).await;
+    eventually("the prompt is in history", || async {
+        matches!(node.client.history(&prompt_id).await, Ok(Some(_)))
+    })
+    .await;
+
+    let mut progress = Vec::new();
+    let artifacts = node
+        .resume(&prompt_id, |p| progress.push(p))
+        .await
+        .expect("outputs collected");
+    assert_eq!(artifacts.len(), 1);
+    assert!(
+        !progress.contains(&JobProgress::Started),
+        "collected, not followed: {progress:?}"
+    );
+    assert_eq!(node.sim.prompts_received(), 1, "nothing posted again");
+    assert_eq!(node.sim.prompts_by_id().get(&prompt_id), Some(&1));
+    assert!(node.sim.duplicate_prompts().is_empty());
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn resuming_a_running_prompt_follows_it_to_the_end() {
+    let node = Harness::start(ComfySimConfig {
+        step_ms: 5,
+        ..fast()
+    })
+    .await;
+    let prompt_id = node.post(&sampler_prompt(60)).await;
+    let mut progress = Vec::new();
+    let artifacts = node
+        .resume(&prompt_id, |p| progress.push(p))
+        .await
+        .expect("followed to the end");
+    assert_eq!(artifacts.len(), 1);
+    assert!(
+        progress
+            .iter()
+            .any(|p| matches!(p, JobProgress::Progress { .. })),
+        "sampler steps reported: {progress:?}"
+    );
+    assert_eq!(node.sim.prompts_received(), 1);
+    assert!(node.sim.duplicate_prompts().is_empty());
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn resuming_an_unknown_prompt_is_lost_quickly() {
+    let node = Harness::start(fast()).await;
+    let started = std::time::Instant::now();
+    let err = node
+        .resume(&uuid::Uuid::new_v4().to_string(), |_| {})
+        .await
+        .expect_err("never posted");
+    assert!(matches!(err, JobError::Lost { .. }), "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(node.sim.prompts_received(), 0);
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_restart_while_resuming_is_lost() {
+    let node = Harness::start(fast()).await;
+    let prompt_id = node.post(&sampler_prompt(10_000)).await;
+    let mut restarted = false;
+    let err = node
+        .resume(&prompt_id, |progress| {
+            if matches!(progress, JobProgress::Progress { .. }) && !restarted {
+                restarted = true;
+                node.sim.control(ComfyControl {
+                    restart: true,
+                    ..ComfyControl::default()
+                });
+            }
+        })
+        .await
+        .expect_err("the restarted server forgot the prompt");
+    assert!(restarted);
+    assert!(matches!(err, JobError::Lost { .. }), "{err:?}");
+    assert_eq!(node.sim.prompts_received(), 1);
+    node.sim.stop().await;
+}
+
+/// A ComfyUI process that goes away and comes back on the same port within
+/// `TRANSPORT_GRACE`: the job reconciles (here: the new process never heard of the prompt)
+/// instead of failing on the refused connections in between.
+#[actix_rt::test]
+async fn a_node_down_for_a_moment_is_reconciled_not_failed() {
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
+    let sim = ComfySim::start(fast(), addr)
+        .await
+        .expect("simulator starts");
+    let addr = sim.addr();
+    let client = ComfyClient::new(sim.url());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("store opens");
+    let prompt_id = uuid::Uuid::new_v4().to_string();
+    client
+        .submit(&sampler_prompt(10_000), &prompt_id, "c1", None)
+        .await
+        .expect("prompt accepted");
+    // No socket: the job polls, so it meets the outage on a REST call.
+    let (sender, events) = broadcast::channel(16);
+    drop(sender);
+    let resumed = resume_job(
+        &client,
+        &prompt_id,
+        ArtifactKind::Image,
+        events,
+        store.artifacts(),
+        |_| {},
+    );
+    let outage = async {
+        eventually("the prompt runs", || async {
+            client
+                .queue()
+                .await
+                .is_ok_and(|queue| queue.running.contains(&prompt_id))
+        })
+        .await;
+        sim.stop().await;
+        // While "down", the port drops every connection; seeing two proves a retry.
+        let down = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("port free");
+        for _ in 0..2 {
+            let (connection, _) = down.accept().await.expect("the job calls again");
+            drop(connection);
+        }
+        drop(down);
+        ComfySim::start(fast(), addr)
+            .await
+            .expect("same port again")
+    };
+    let (outcome, again) = tokio::join!(resumed, outage);
+    let err = outcome.expect_err("the new process does not know the prompt");
+    assert!(matches!(err, JobError::Lost { .. }), "{err:?}");
+    assert_eq!(again.prompts_received(), 0);
+    again.stop().await;
 }
