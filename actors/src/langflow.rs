@@ -5,7 +5,9 @@
 //! - [`client`]: `POST /api/v1/run/{flow}` (plain and `?stream=true`), file upload, health.
 //!   The API key goes in `x-api-key` (a Bearer header is refused) and is never logged.
 //! - [`answer`]: pure parsing of run answers, stream events and error bodies.
-//! - [`job`]: one narration or generic step: upload files, merge tweaks, run, check session.
+//! - [`job`]: one narration or generic step: upload files, merge tweaks, run, check session;
+//!   and, after a restart, [`recover_job`] reads the session's stored messages to learn
+//!   whether a run we may have started already answered.
 //!
 //! Every run carries our own `session_id` and the answer must echo it: that is how a retried or
 //! reconciled step is told apart from someone else's conversation.
@@ -14,9 +16,9 @@ pub mod answer;
 pub mod client;
 pub mod job;
 
-pub use answer::{RunAnswer, StreamEvent};
+pub use answer::{RunAnswer, SessionMessage, StreamEvent};
 pub use client::{LangflowClient, RunRequest};
-pub use job::run_job;
+pub use job::{recover_job, recover_job_within, run_job, Recovery, RECOVERY_WAIT};
 
 /// A failed LangFlow call, naming the flow involved.
 #[derive(Debug, thiserror::Error)]

@@ -2,15 +2,19 @@
 //!
 //! Guards the run contract (our session id sent and echoed, the text found in the answer),
 //! streaming (tokens as they come, text from `end`, flows without tokens), file attachment
-//! for visual narration, and the mapping of LangFlow's error answers.
+//! for visual narration, and the mapping of LangFlow's error answers. The `recover_*` tests
+//! guard exactly-once across restarts: a run that already answered (even behind a proxy's
+//! 503) is read back from LangFlow's stored messages, never run a second time.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use multiplex_actors::config::FlowConfig;
-use multiplex_actors::langflow::{run_job, LangflowClient, LangflowError, RunRequest};
+use multiplex_actors::langflow::{
+    recover_job, recover_job_within, run_job, LangflowClient, LangflowError, Recovery, RunRequest,
+};
 use multiplex_actors::workflow::LangflowJob;
-use multiplex_sim::langflow::{LangflowSim, LangflowSimConfig};
+use multiplex_sim::langflow::{LangflowControl, LangflowSim, LangflowSimConfig};
 use serde_json::{json, Map};
 
 const KEY: &str = "sk-test-key";
@@ -172,5 +176,158 @@ async fn visual_job_uploads_and_attaches_files() {
         matches!(err, LangflowError::NoFileComponent { .. }),
         "{err:?}"
     );
+    sim.stop().await;
+}
+
+fn echo_job(input: &str) -> LangflowJob {
+    LangflowJob {
+        flow: "echo".into(),
+        input_value: input.into(),
+        input_type: "chat".into(),
+        output_type: "chat".into(),
+        tweaks: Map::new(),
+        files: Vec::new(),
+    }
+}
+
+fn echo_flow(sim: &LangflowSim) -> FlowConfig {
+    FlowConfig {
+        id: flow_id(sim, "echo"),
+        file_component: None,
+    }
+}
+
+/// Polls every 10 ms for up to 10 s until LangFlow has stored a message for the session.
+async fn until_asked(client: &LangflowClient, session: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let messages = client.session_messages(session).await.expect("messages");
+        if messages.iter().any(|m| m.is_user()) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no user message");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn recover_reads_a_finished_run_back() {
+    let (sim, client) = start().await;
+    let (job, flow) = (echo_job("said once"), echo_flow(&sim));
+    let text = run_job(&client, &job, &flow, "sess-r1", |_| {})
+        .await
+        .expect("run");
+    let messages = client.session_messages("sess-r1").await.expect("messages");
+    assert_eq!(messages.len(), 2);
+    assert!(messages[0].is_user() && messages[1].is_answer());
+
+    let recovered = recover_job(&client, &job, &flow, "sess-r1").await.unwrap();
+    assert_eq!(recovered, Recovery::Finished(text));
+    // By endpoint name too: messages carry only the flow's UUID.
+    let by_name = FlowConfig {
+        id: "echo".into(),
+        file_component: None,
+    };
+    let recovered = recover_job(&client, &job, &by_name, "sess-r1").await;
+    assert_eq!(recovered.unwrap(), Recovery::Finished("said once".into()));
+
+    let fresh = recover_job(&client, &job, &flow, "sess-never")
+        .await
+        .unwrap();
+    assert_eq!(fresh, Recovery::NotStarted);
+    assert_eq!(sim.runs_by_session().get("sess-r1"), Some(&1));
+    assert!(sim.duplicate_sessions().is_empty());
+
+    let stranger = LangflowClient::new(sim.url(), Some("sk-wrong".into()));
+    let err = stranger.session_messages("sess-r1").await.unwrap_err();
+    assert!(matches!(err, LangflowError::Forbidden { .. }), "{err:?}");
+    sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn recover_waits_for_a_run_still_going() {
+    let (sim, client) = start().await;
+    sim.control(LangflowControl {
+        run_delay_ms: Some(300),
+        ..LangflowControl::default()
+    });
+    let (job, flow) = (echo_job("slow answer"), echo_flow(&sim));
+    // The earlier daemon's run is still in flight when the new one looks.
+    let earlier = run_job(&client, &job, &flow, "sess-r2", |_| {});
+    let looking = async {
+        until_asked(&client, "sess-r2").await;
+        let wait = std::time::Duration::from_secs(10);
+        recover_job_within(&client, &job, &flow, "sess-r2", wait).await
+    };
+    let (ran, recovered) = tokio::join!(earlier, looking);
+    assert_eq!(ran.expect("run"), "slow answer");
+    assert_eq!(
+        recovered.expect("recovered"),
+        Recovery::Finished("slow answer".into())
+    );
+    assert!(sim.duplicate_sessions().is_empty());
+    sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn recover_gives_up_on_a_run_without_answer() {
+    let (sim, client) = start().await;
+    sim.control(LangflowControl {
+        run_delay_ms: Some(60_000),
+        ..LangflowControl::default()
+    });
+    let (job, flow) = (echo_job("never answered"), echo_flow(&sim));
+    let stuck = run_job(&client, &job, &flow, "sess-r3", |_| {});
+    let looking = async {
+        until_asked(&client, "sess-r3").await;
+        let wait = std::time::Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let recovered = recover_job_within(&client, &job, &flow, "sess-r3", wait).await;
+        (recovered, started.elapsed())
+    };
+    // Dropping the stuck run closes its connection, which ends it in the simulator.
+    let (recovered, took) = tokio::select! {
+        ran = stuck => panic!("the run should still be going: {ran:?}"),
+        looked = looking => looked,
+    };
+    assert_eq!(recovered.expect("recovered"), Recovery::Unfinished);
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn recover_after_a_proxy_timeout_or_a_server_error() {
+    let (sim, client) = start().await;
+    sim.control(LangflowControl {
+        fail_next_503: Some(1),
+        fail_next_500: Some(1),
+        ..LangflowControl::default()
+    });
+    let (job, flow) = (echo_job("behind a proxy"), echo_flow(&sim));
+    let err = run_job(&client, &job, &flow, "sess-r4", |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LangflowError::UnknownOutcome { status: 503, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    // The flow ran behind the proxy: its answer is read back, not produced again.
+    let recovered = recover_job(&client, &job, &flow, "sess-r4").await.unwrap();
+    assert_eq!(recovered, Recovery::Finished("behind a proxy".into()));
+
+    let err = run_job(&client, &job, &flow, "sess-r5", |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LangflowError::Server { status: 500, .. }),
+        "{err:?}"
+    );
+    let err = recover_job(&client, &job, &flow, "sess-r5")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LangflowError::Flow { .. }), "{err:?}");
+    assert_eq!(sim.runs_by_session().get("sess-r4"), Some(&1));
+    assert!(sim.duplicate_sessions().is_empty());
     sim.stop().await;
 }

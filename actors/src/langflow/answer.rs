@@ -36,6 +36,60 @@ impl RunAnswer {
     }
 }
 
+/// One message LangFlow stored for a session (`GET /api/v1/monitor/messages`, as in
+/// 08_flow_readback_and_messages). A run stores the user's message when it starts and the
+/// flow's answer (`sender: Machine`) when it ends; a component that raises stores a message
+/// of category `error` instead of the answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionMessage {
+    pub id: String,
+    /// The flow's UUID (never its endpoint name).
+    pub flow_id: Option<String>,
+    pub session_id: Option<String>,
+    /// `User`, `Machine`, or a component's name for an error.
+    pub sender: String,
+    pub text: String,
+    /// `message`, or `error` for a component's failure.
+    pub category: String,
+    /// LangFlow's text form, `2026-12-03 18:12:18.808661 UTC`: sorts by time.
+    pub timestamp: String,
+}
+
+impl SessionMessage {
+    /// Reads one entry leniently: missing fields become empty, never an error.
+    pub fn from_value(value: &Value) -> SessionMessage {
+        let text = |key: &str| {
+            value
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let optional = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
+        SessionMessage {
+            id: text("id"),
+            flow_id: optional("flow_id"),
+            session_id: optional("session_id"),
+            sender: text("sender"),
+            text: text("text"),
+            category: optional("category").unwrap_or_else(|| "message".into()),
+            timestamp: text("timestamp"),
+        }
+    }
+
+    pub fn is_user(&self) -> bool {
+        self.sender == "User"
+    }
+
+    pub fn is_answer(&self) -> bool {
+        self.sender == "Machine" && self.category != "error"
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.category == "error"
+    }
+}
+
 /// The text of a run result: `outputs[0].outputs[0].results.message.text`, else the message's
 /// `data.text`, the output's `messages`, `artifacts` or `outputs` texts.
 pub fn answer_text(result: &Value) -> Option<String> {

@@ -12,7 +12,9 @@ use tokio_util::io::ReaderStream;
 use tracing::{debug, warn};
 use url::Url;
 
-use super::answer::{error_from_status, parse_stream_event, BlockSplitter, RunAnswer, StreamEvent};
+use super::answer::{
+    error_from_status, parse_stream_event, BlockSplitter, RunAnswer, SessionMessage, StreamEvent,
+};
 use super::LangflowError;
 use crate::config::LangflowServiceConfig;
 
@@ -210,6 +212,31 @@ impl LangflowClient {
         Err(transport("the stream ended before its `end` event".into()))
     }
 
+    /// `GET /api/v1/monitor/messages?session_id=...`: every message LangFlow stored for the
+    /// session, oldest first, across all flows run in it. How a restarted daemon learns what
+    /// became of a run whose answer it never read.
+    pub async fn session_messages(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<SessionMessage>, LangflowError> {
+        let label = format!("(messages of session {session_id})");
+        let mut url = self.url(&label, "api/v1/monitor/messages")?;
+        url.query_pairs_mut().append_pair("session_id", session_id);
+        let response = self.send(&label, &url, self.http.get(url.clone())).await?;
+        let answer = json_answer(&label, &url, response).await?;
+        let Some(entries) = answer.as_array() else {
+            return Err(LangflowError::Decode {
+                flow: label,
+                detail: format!("messages answer is not a list: {}", short_json(&answer)),
+            });
+        };
+        let mut messages: Vec<SessionMessage> =
+            entries.iter().map(SessionMessage::from_value).collect();
+        // LangFlow lists them by time already; a stable sort keeps that order on equal stamps.
+        messages.sort_by(|a, b| a.timestamp.cmp(&b.timestamp));
+        Ok(messages)
+    }
+
     async fn send(
         &self,
         flow: &str,
@@ -273,6 +300,15 @@ async fn json_answer(flow: &str, url: &Url, response: Response) -> Result<Value,
         flow: flow.into(),
         detail: err.to_string(),
     })
+}
+
+/// The start of a JSON value, for error messages.
+fn short_json(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
 }
 
 fn encode(segment: &str) -> String {

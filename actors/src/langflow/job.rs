@@ -9,10 +9,18 @@
 //! and an `input_value` in a tweak of the input component (the file component, or any
 //! `ChatInput-*` / `TextInput-*`) is dropped with a warning; when it is empty, no top-level
 //! `input_value` is sent, so a tweak may provide it.
+//!
+//! Recovery: a daemon that restarted while a run was in flight, or got a proxy's 502/503/504
+//! (unknown outcome), asks [`recover_job`] before running the step again. LangFlow keeps the
+//! session's messages (user message at the start, answer at the end), so the answer can be
+//! taken from there instead of running an LLM flow twice.
+
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
+use super::answer::SessionMessage;
 use super::client::{LangflowClient, RunRequest};
 use super::LangflowError;
 use crate::config::FlowConfig;
@@ -62,6 +70,131 @@ pub async fn run_job(
     }
     .instrument(span)
     .await
+}
+
+/// How long [`recover_job`] waits for an answer to a run that has started (a user message is
+/// stored) but not answered. A minute covers a typical LLM flow and matches the proxy
+/// timeouts in front of LangFlow (DESIGN.md section 6); a run still silent after that has
+/// most likely died with the request that started it.
+pub const RECOVERY_WAIT: Duration = Duration::from_secs(60);
+
+/// Pauses between two reads of the messages while waiting, doubling from the first.
+const RECOVERY_POLL_MIN: Duration = Duration::from_millis(100);
+const RECOVERY_POLL_MAX: Duration = Duration::from_secs(5);
+
+/// What LangFlow's stored messages say about a run we may have started before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// The flow answered: the text of its (last) `Machine` message. Use it; do not run again.
+    Finished(String),
+    /// No message of the flow in the session: the run never reached LangFlow, so running the
+    /// step now is safe.
+    NotStarted,
+    /// A user message with no answer after [`RECOVERY_WAIT`]: the run died, or is still going.
+    /// Running again risks doing the work twice; the caller decides.
+    Unfinished,
+}
+
+/// Learns the outcome of a run of `job` on `flow` under our `session_id`, waiting up to
+/// [`RECOVERY_WAIT`] for a started run to answer. A failure the flow recorded (a message of
+/// category `error` after the user's) is returned as [`LangflowError::Flow`]; transport
+/// errors are returned as they are (retryable).
+pub async fn recover_job(
+    client: &LangflowClient,
+    job: &LangflowJob,
+    flow: &FlowConfig,
+    session_id: &str,
+) -> Result<Recovery, LangflowError> {
+    recover_job_within(client, job, flow, session_id, RECOVERY_WAIT).await
+}
+
+/// [`recover_job`] with another bound on the wait for an unanswered run.
+pub async fn recover_job_within(
+    client: &LangflowClient,
+    job: &LangflowJob,
+    flow: &FlowConfig,
+    session_id: &str,
+    wait: Duration,
+) -> Result<Recovery, LangflowError> {
+    let span = tracing::info_span!("langflow_recover", flow = %job.flow, session_id);
+    async {
+        let since = Instant::now();
+        let mut pause = RECOVERY_POLL_MIN;
+        loop {
+            let messages = client.session_messages(session_id).await?;
+            match read_outcome(&messages, &flow.id) {
+                Outcome::Answered(text) => {
+                    info!(chars = text.len(), "run had finished; answer recovered");
+                    return Ok(Recovery::Finished(text));
+                }
+                Outcome::Failed(message) => {
+                    warn!(%message, "run had failed");
+                    return Err(LangflowError::Flow {
+                        flow: job.flow.clone(),
+                        message,
+                    });
+                }
+                Outcome::Nothing => {
+                    info!("no message for the session: the run never started");
+                    return Ok(Recovery::NotStarted);
+                }
+                Outcome::Asked => {}
+            }
+            let left = wait.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                warn!(
+                    waited_ms = wait.as_millis() as u64,
+                    "run started but never answered"
+                );
+                return Ok(Recovery::Unfinished);
+            }
+            debug!("run started, no answer yet; waiting");
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(RECOVERY_POLL_MAX);
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// What the messages say about the latest run of one flow.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Answered(String),
+    Failed(String),
+    /// A user message, nothing after it yet.
+    Asked,
+    Nothing,
+}
+
+/// Reads the latest run of `flow_id` from a session's messages (oldest first). A session may
+/// hold several flows' runs, so only messages of `flow_id` count; when `flow_id` is an
+/// endpoint name (messages carry only UUIDs), every message of the session counts, which is
+/// right because our session ids are per step.
+fn read_outcome(messages: &[SessionMessage], flow_id: &str) -> Outcome {
+    let named = |m: &&SessionMessage| m.flow_id.as_deref() == Some(flow_id);
+    let by_uuid = uuid::Uuid::parse_str(flow_id).is_ok();
+    let ours: Vec<&SessionMessage> = if by_uuid || messages.iter().any(|m| named(&m)) {
+        messages.iter().filter(named).collect()
+    } else {
+        messages.iter().collect()
+    };
+    // The answer to the latest question; a retried run asks again.
+    let Some(asked) = ours.iter().rposition(|m| m.is_user()) else {
+        // An answer without a question is odd (deleted messages?) but still an answer.
+        return match ours.iter().rev().find(|m| m.is_answer()) {
+            Some(answer) => Outcome::Answered(answer.text.clone()),
+            None => Outcome::Nothing,
+        };
+    };
+    let after = &ours[asked + 1..];
+    if let Some(answer) = after.iter().rev().find(|m| m.is_answer()) {
+        return Outcome::Answered(answer.text.clone());
+    }
+    match after.iter().find(|m| m.is_error()) {
+        Some(error) => Outcome::Failed(error.text.trim_end().to_string()),
+        None => Outcome::Asked,
+    }
 }
 
 /// Adds uploaded paths to `tweaks[component].files` (after any files the step set itself).
@@ -138,6 +271,45 @@ mod tests {
         let mut tweaks = map(json!({"Input-x": {"input_value": "from tweak"}}));
         assert_eq!(settle_input("", &mut tweaks, Some("Input-x")), None);
         assert_eq!(tweaks["Input-x"]["input_value"], "from tweak");
+    }
+
+    fn message(flow: &str, sender: &str, text: &str, category: &str) -> SessionMessage {
+        SessionMessage::from_value(&json!({"id": "m", "flow_id": flow, "session_id": "s",
+            "sender": sender, "text": text, "category": category,
+            "timestamp": "2026-12-03 18:12:18.808661 UTC"}))
+    }
+
+    /// 08_flow_readback_and_messages: two flows ran in one session, one of them twice.
+    #[test]
+    fn outcome_is_the_answer_to_the_latest_question_of_the_flow() {
+        let (echo, combine) = (
+            "d0269e28-58ce-43d1-9678-d2bef12cf40c",
+            "11b80092-cd93-43c2-8eb0-11f4ecfabf43",
+        );
+        let messages = vec![
+            message(echo, "User", "hello", "message"),
+            message(echo, "Machine", "hello", "message"),
+            message(combine, "User", "graph-42", "message"),
+            message(combine, "Machine", "graph-42 :: done", "message"),
+            message(combine, "User", "graph-43", "message"),
+        ];
+        assert_eq!(
+            read_outcome(&messages, echo),
+            Outcome::Answered("hello".into())
+        );
+        assert_eq!(read_outcome(&messages, combine), Outcome::Asked);
+        assert_eq!(
+            read_outcome(&messages, "6f1c3a52-0000-0000-0000-000000000000"),
+            Outcome::Nothing
+        );
+        // An endpoint name matches no flow_id: the whole session counts.
+        assert_eq!(read_outcome(&messages, "lf-combine"), Outcome::Asked);
+        let failed = vec![
+            message(echo, "User", "hello", "message"),
+            message(echo, "Chat Output", "boom\n", "error"),
+        ];
+        assert_eq!(read_outcome(&failed, echo), Outcome::Failed("boom".into()));
+        assert_eq!(read_outcome(&[], echo), Outcome::Nothing);
     }
 
     #[test]
