@@ -88,7 +88,8 @@ pub enum Recovery {
     /// The flow answered: the text of its (last) `Machine` message. Use it; do not run again.
     Finished(String),
     /// No message of the flow in the session: the run never reached LangFlow, so running the
-    /// step now is safe.
+    /// step now is safe. (A request sent the instant before a crash may not have stored its
+    /// message yet; that window is the few milliseconds LangFlow takes to start a flow.)
     NotStarted,
     /// A user message with no answer after [`RECOVERY_WAIT`]: the run died, or is still going.
     /// Running again risks doing the work twice; the caller decides.
