@@ -43,6 +43,9 @@ pub struct ComfySimConfig {
     /// Model files the server has, `name` (every folder) or `folder/name`;
     /// empty accepts any model name.
     pub models: Vec<String>,
+    /// Serve `GET /api/jobs/{id}` like newer ComfyUI (0.3.64, the recorded version, has
+    /// no such route).
+    pub jobs_api: bool,
     /// Failure injection, also settable at run time.
     pub switches: ComfySwitches,
 }
@@ -57,6 +60,7 @@ impl Default for ComfySimConfig {
             gpu_name: "cuda:0 NVIDIA GeForce RTX 4090 (simulated) : cudaMallocAsync".into(),
             preview_bytes: 0,
             models: Vec::new(),
+            jobs_api: false,
             switches: ComfySwitches::default(),
         }
     }

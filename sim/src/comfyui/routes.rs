@@ -8,6 +8,8 @@
 //! - `GET  /view`, `POST /upload/image`
 //! - `GET  /object_info`, `/object_info/{class}`, `/models`, `/models/{folder}`
 //! - `GET  /ws?clientId=X`
+//! - `GET  /api/jobs/{id}` only with `jobs_api` set: newer ComfyUI has it, 0.3.64 answers
+//!   the route with aiohttp's plain 404
 //! - `POST /sim/control`, `GET /sim/stats`: the simulator's test switches
 
 use std::sync::{atomic::Ordering, Arc};
@@ -32,7 +34,11 @@ type Data = web::Data<Arc<Shared>>;
 
 /// Registers every route at the root and under `/api`.
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::scope("/api").configure(routes));
+    cfg.service(
+        web::scope("/api")
+            .route("/jobs/{id}", web::get().to(job))
+            .configure(routes),
+    );
     routes(cfg);
 }
 
@@ -250,6 +256,30 @@ async fn history_entry(data: Data, id: web::Path<String>) -> HttpResponse {
         body.insert(key.clone(), entry.clone());
     }
     json_ok(Value::Object(body))
+}
+
+/// `GET /api/jobs/{id}` as newer ComfyUI answers it (`comfy_execution/jobs.py`): history
+/// first, then the running and pending prompts; unknown ids get a JSON 404.
+async fn job(data: Data, id: web::Path<String>) -> HttpResponse {
+    if !data.config().jobs_api {
+        return HttpResponse::NotFound()
+            .content_type("text/plain; charset=utf-8")
+            .body("404: Not Found");
+    }
+    let state = data.state();
+    if let Some((_, entry)) = state.history.iter().find(|(k, _)| *k == *id) {
+        let failed = entry["status"]["status_str"] == "error";
+        return json_ok(
+            json!({"id": *id, "status": if failed { "failed" } else { "completed" },
+            "outputs": entry["outputs"], "execution_status": entry["status"]}),
+        );
+    }
+    let running = state.running.iter().any(|r| r.item.id == *id);
+    if running || state.pending.iter().any(|q| q.id == *id) {
+        let status = if running { "in_progress" } else { "pending" };
+        return json_ok(json!({"id": *id, "status": status, "outputs_count": 0}));
+    }
+    HttpResponse::NotFound().json(json!({"error": "Job not found"}))
 }
 
 async fn edit_history(data: Data, body: web::Bytes) -> HttpResponse {
