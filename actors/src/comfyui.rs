@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub use client::{Accepted, ComfyClient, UploadedImage};
+pub use client::{Accepted, ComfyClient, JobLookup, UploadedImage};
 pub use events::{ComfyEvent, ExecutionErrorEvent, Preview};
 pub use history::{Device, HistoryEntry, OutputFile, QueueState, SystemStats};
 pub use job::{resume_job, run_job, JobError, JobProgress, TRANSPORT_GRACE};

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use futures_util::StreamExt;
 use multiplex_actors::artifact::ArtifactKind;
 use multiplex_actors::comfyui::{
-    connect_events, resume_job, run_job, ComfyClient, ComfyEvent, JobError, JobProgress,
+    connect_events, resume_job, run_job, ComfyClient, ComfyEvent, JobError, JobLookup, JobProgress,
 };
 use multiplex_actors::store::Store;
 use multiplex_actors::workflow::{ComfyJob, UploadSlot};
@@ -616,4 +616,43 @@ async fn a_node_down_for_a_moment_is_reconciled_not_failed() {
     assert!(matches!(err, JobError::Lost { .. }), "{err:?}");
     assert_eq!(again.prompts_received(), 0);
     again.stop().await;
+}
+
+/// Newer ComfyUI answers `GET /api/jobs/{id}`; 0.3.64 (the simulator's default) does not,
+/// and every other test here runs on that fallback.
+#[actix_rt::test]
+async fn resuming_uses_the_jobs_route_where_the_server_has_it() {
+    let node = Harness::start(ComfySimConfig {
+        jobs_api: true,
+        step_ms: 5,
+        ..fast()
+    })
+    .await;
+    let unknown = uuid::Uuid::new_v4().to_string();
+    assert_eq!(node.client.job(&unknown).await.unwrap(), JobLookup::Unknown);
+    let prompt_id = node.post(&sampler_prompt(60)).await;
+    let artifacts = node.resume(&prompt_id, |_| {}).await.expect("followed");
+    assert_eq!(artifacts.len(), 1);
+    match node.client.job(&prompt_id).await.unwrap() {
+        JobLookup::Finished(entry) => {
+            assert!(!entry.is_error() && !entry.deliverables().is_empty())
+        }
+        other => panic!("expected a finished job, got {other:?}"),
+    }
+    let again = node.resume(&prompt_id, |_| {}).await.expect("collected");
+    assert_eq!(again.len(), 1);
+    assert_eq!(node.sim.prompts_received(), 1);
+    let err = node
+        .resume(&unknown, |_| {})
+        .await
+        .expect_err("never posted");
+    assert!(matches!(err, JobError::Lost { .. }), "{err:?}");
+    node.sim.stop().await;
+
+    let old = Harness::start(fast()).await;
+    assert_eq!(
+        old.client.job(&unknown).await.unwrap(),
+        JobLookup::Unsupported
+    );
+    old.sim.stop().await;
 }

@@ -5,6 +5,8 @@
 //! both ways as streams, so a multi-GB video never sits in memory.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::multipart::{Form, Part};
@@ -30,6 +32,22 @@ const ERROR_BODY_LIMIT: usize = 2048;
 pub struct ComfyClient {
     http: reqwest::Client,
     base: Url,
+    /// Set once the server showed it has no `GET /api/jobs/{id}` (before ComfyUI added it),
+    /// so later looks go straight to history and queue. Shared by clones.
+    no_jobs_route: Arc<AtomicBool>,
+}
+
+/// Where a prompt stands according to `GET /api/jobs/{id}` (recent ComfyUI).
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobLookup {
+    /// The server has no such route, or answered something unreadable: ask history and queue.
+    Unsupported,
+    /// Neither queued, running nor in history.
+    Unknown,
+    Pending,
+    Running,
+    /// Finished, well or not: the same entry `/history/{id}` would give.
+    Finished(Box<HistoryEntry>),
 }
 
 /// ComfyUI's answer to an accepted `POST /prompt`.
@@ -75,7 +93,11 @@ impl ComfyClient {
 
     /// A client sharing an existing connection pool.
     pub fn with_http(base: Url, http: reqwest::Client) -> ComfyClient {
-        ComfyClient { http, base }
+        ComfyClient {
+            http,
+            base,
+            no_jobs_route: Arc::default(),
+        }
     }
 
     pub fn base_url(&self) -> &Url {
@@ -101,6 +123,38 @@ impl ComfyClient {
             .get_json(&format!("history/{}", encode(prompt_id)))
             .await?;
         Ok(HistoryEntry::from_answer(prompt_id, &answer))
+    }
+
+    /// `GET /api/jobs/{id}`: one request instead of history, queue and history again. Servers
+    /// without the route answer aiohttp's plain-text 404 (a job the route does not know gets a
+    /// JSON `{"error"}` 404); that is remembered and [`JobLookup::Unsupported`] returned from
+    /// then on without asking.
+    pub async fn job(&self, prompt_id: &str) -> Result<JobLookup, ComfyError> {
+        if self.no_jobs_route.load(Ordering::Relaxed) {
+            return Ok(JobLookup::Unsupported);
+        }
+        let url = self.url(&format!("api/jobs/{}", encode(prompt_id)))?;
+        let response = self.send(self.http.get(url.clone()), &url).await?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|source| transport(&url, source))?;
+        let answer: Option<Value> = serde_json::from_str(&text).ok();
+        let lookup = match (status, &answer) {
+            (StatusCode::NOT_FOUND, Some(body)) if body.get("error").is_some() => {
+                JobLookup::Unknown
+            }
+            (StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED, _) => {
+                debug!("no /api/jobs route; using history and queue");
+                self.no_jobs_route.store(true, Ordering::Relaxed);
+                JobLookup::Unsupported
+            }
+            (status, _) if !status.is_success() => return Err(unexpected(&url, status, &text)),
+            (_, Some(job)) => JobLookup::from_answer(prompt_id, job),
+            (_, None) => JobLookup::Unsupported,
+        };
+        Ok(lookup)
     }
 
     /// `POST /prompt` with our prompt id and client id. A 400 is returned verbatim as
@@ -288,6 +342,27 @@ impl ComfyClient {
 
     fn url(&self, path: &str) -> Result<Url, ComfyError> {
         join(&self.base, path)
+    }
+}
+
+impl JobLookup {
+    /// Reads a job record (`comfy_execution/jobs.py`): `status` is `pending`, `in_progress`,
+    /// `completed` or `failed`; finished records carry `outputs` and `execution_status`.
+    fn from_answer(prompt_id: &str, job: &Value) -> JobLookup {
+        match job.get("status").and_then(Value::as_str) {
+            Some("pending") => JobLookup::Pending,
+            Some("in_progress") => JobLookup::Running,
+            Some("completed" | "failed") if job.get("outputs").is_some() => {
+                // Rebuilt as the history answer it summarises, so one reader serves both.
+                let entry = json!({prompt_id: {"outputs": job["outputs"],
+                    "status": job.get("execution_status").cloned().unwrap_or(Value::Null)}});
+                match HistoryEntry::from_answer(prompt_id, &entry) {
+                    Some(entry) => JobLookup::Finished(Box::new(entry)),
+                    None => JobLookup::Unsupported,
+                }
+            }
+            _ => JobLookup::Unsupported,
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tracing::{debug, info, warn, Instrument};
 
-use super::client::ComfyClient;
+use super::client::{ComfyClient, JobLookup};
 use super::events::{ComfyEvent, ExecutionErrorEvent};
 use super::history::HistoryEntry;
 use super::ComfyError;
@@ -623,8 +623,20 @@ async fn check(
     Ok(Standing::Unconfirmed)
 }
 
-/// History, then queue, then history again (the prompt may finish between the two).
+/// `/api/jobs/{id}` where the server has it; else history, then queue, then history again
+/// (the prompt may finish between the two).
 async fn look(client: &ComfyClient, prompt_id: &str) -> Result<Standing, JobError> {
+    let transport = |source| JobError::Transport {
+        prompt_id: prompt_id.into(),
+        source,
+    };
+    match client.job(prompt_id).await.map_err(transport)? {
+        JobLookup::Finished(entry) => return Ok(Standing::Finished(entry)),
+        JobLookup::Running => return Ok(Standing::Waiting { running: true }),
+        JobLookup::Pending => return Ok(Standing::Waiting { running: false }),
+        JobLookup::Unknown => return Ok(Standing::Unconfirmed),
+        JobLookup::Unsupported => {}
+    }
     if let Some(entry) = history(client, prompt_id).await? {
         return Ok(Standing::Finished(Box::new(entry)));
     }
