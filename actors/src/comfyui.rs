@@ -7,6 +7,7 @@
 //! - [`events`]: pure parsing of text and binary socket frames.
 //! - [`socket`]: the awc WebSocket a node keeps open, one per ComfyUI server.
 //! - [`job`]: upload inputs, submit, follow the events, read the history, store the outputs.
+//!   [`resume_job`] picks up a prompt posted before a restart, never posting it again.
 //!
 //! The event stream is never trusted alone: a job ends by reading `/history/{id}`, and when the
 //! socket goes quiet or drops, the job falls back to polling history and queue.
