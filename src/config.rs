@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use multiplex_actors::config::{
     ClusterConfig, ComfyServiceConfig, FlowConfig, GpuConfig, LangflowServiceConfig, NodeConfig,
+    DEFAULT_NODE_GRACE_MS,
 };
 use multiplex_actors::workflow::TemplateLibrary;
 use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
@@ -59,6 +60,8 @@ pub struct DaemonSection {
     pub data_dir: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: Option<usize>,
+    /// How long a node may be away before its work is placed elsewhere (milliseconds).
+    pub node_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +228,7 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
             .unwrap_or("flux-txt2img".into()),
         default_video_template: file.templates.video.clone().unwrap_or("wan21-i2v".into()),
         nodes,
+        node_grace_ms: file.daemon.node_grace_ms.unwrap_or(DEFAULT_NODE_GRACE_MS),
     };
     Ok((config, sims))
 }

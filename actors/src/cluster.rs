@@ -13,7 +13,7 @@ use crate::config::ClusterConfig;
 use crate::node::GpuNode;
 use crate::run::{CancelWorkflow, RunRegistry, RunServices, Snapshot, WorkflowRun};
 use crate::scheduler::{ListNodes, NodeView, RegisterNode, Scheduler};
-use crate::store::{RunRecord, RunState, StepState, Store, StoreError};
+use crate::store::{RunRecord, RunState, Store, StoreError};
 use crate::workflow::{plan_workflow, Catalog, TemplateLibrary, ValidationIssue};
 
 /// Why a request about runs could not be served.
@@ -43,7 +43,8 @@ impl Cluster {
     /// under supervision. Must be called inside a running actix system.
     pub fn start(config: ClusterConfig, templates: TemplateLibrary, store: Store) -> Cluster {
         let hub = Supervisor::start(|_| ActivityHub::default());
-        let scheduler = Supervisor::start(|_| Scheduler::default());
+        let grace = std::time::Duration::from_millis(config.node_grace_ms);
+        let scheduler = Supervisor::start(move |_| Scheduler::new(grace));
         for node in &config.nodes {
             let node_config = node.clone();
             let (sched, hub_addr, files) =
@@ -153,11 +154,11 @@ impl Cluster {
     }
 
     /// Starts again every run the store holds as unfinished. Steps that were in flight are
-    /// set back to pending and run again.
+    /// looked up on the node they were sent to (see [`WorkflowRun::resume`]).
     pub fn resume_unfinished(&self) -> Result<usize, ClusterError> {
         let runs = self.services.store.unfinished_runs()?;
         let mut resumed = 0;
-        for mut record in runs {
+        for record in runs {
             let plan = match plan_workflow(&record.document, &self.services.catalog) {
                 Ok(plan) => plan,
                 Err(issues) => {
@@ -166,12 +167,8 @@ impl Cluster {
                     continue;
                 }
             };
-            for step in record.steps.iter_mut().filter(|s| !s.state.is_terminal()) {
-                step.state = StepState::Pending;
-                step.progress = None;
-            }
             info!(run_id = %record.id, "resuming run");
-            WorkflowRun::start(record, plan, self.services.clone());
+            WorkflowRun::resume(record, plan, self.services.clone());
             resumed += 1;
         }
         Ok(resumed)

@@ -17,6 +17,17 @@ pub struct ClusterConfig {
     /// Template used by `video` steps that name none.
     pub default_video_template: String,
     pub nodes: Vec<NodeConfig>,
+    /// How long a node may be away before the work sent to it is placed elsewhere, in
+    /// milliseconds. Long enough for a ComfyUI restart, short enough not to stall a run.
+    #[serde(default = "default_node_grace_ms")]
+    pub node_grace_ms: u64,
+}
+
+/// Default of [`ClusterConfig::node_grace_ms`]: 30 seconds.
+pub const DEFAULT_NODE_GRACE_MS: u64 = 30_000;
+
+fn default_node_grace_ms() -> u64 {
+    DEFAULT_NODE_GRACE_MS
 }
 
 /// One GPU box and the services it runs.

@@ -4,7 +4,14 @@
 //! the node listens to (ComfyUI sends a client's events only to that client's socket, so one
 //! socket per node and client id serves all its prompts). It probes health on a timer, tells
 //! the scheduler when it becomes available or unavailable and when a slot frees, and runs the
-//! tasks the scheduler places on it, each as a future spawned in its context.
+//! tasks the scheduler places on it, each as a future spawned in its context
+//! ([`execute`]).
+//!
+//! A lost socket is reopened with jittered exponential backoff. A refused upgrade (an HTTP
+//! status instead of a protocol switch) is tried a few times, then the node gives up and
+//! stays unavailable with the reason: no reconnect storms against a proxy that says no.
+
+mod execute;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,19 +22,22 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use crate::activity::{Activity, ActivityHub, Publish};
-use crate::artifact::ArtifactKind;
-use crate::comfyui::{self, ComfyClient, ComfyEvent, JobProgress};
+use crate::comfyui::{self, ComfyClient, ComfyError, ComfyEvent};
 use crate::config::NodeConfig;
-use crate::langflow::{self, LangflowClient};
+use crate::langflow::LangflowClient;
 use crate::scheduler::{NodeStatus, Scheduler};
-use crate::store::{ArtifactFiles, StepError};
-use crate::task::{RemoteJob, Task, TaskEvent, TaskKey, TaskUpdate};
+use crate::store::ArtifactFiles;
+use crate::task::{RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
+
+use execute::{ComfyService, LangflowService, Services};
 
 /// How often services are probed for health.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// First wait before reopening a lost ComfyUI socket; doubles up to the cap.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
+/// Refused WebSocket upgrades in a row after which the node stops trying.
+const MAX_REFUSED_UPGRADES: u32 = 5;
 /// Events buffered per node for jobs that fall behind; a job that lags this far reconciles
 /// from ComfyUI's history instead.
 const EVENT_BUFFER: usize = 4096;
@@ -51,7 +61,7 @@ struct SocketOpened;
 #[derive(Message)]
 #[rtype(result = "()")]
 struct HealthProbed {
-    comfy: Option<Result<(), String>>,
+    comfy: Option<Result<Option<u64>, String>>,
     langflow: Option<Result<(), String>>,
 }
 
@@ -64,7 +74,13 @@ struct ComfyState {
     /// Set while a connection attempt is under way.
     connecting: bool,
     reconnect_delay: Duration,
+    /// Upgrades refused in a row.
+    refused_upgrades: u32,
+    /// Set once the node stopped trying to open its socket, with the reason.
+    gave_up: Option<String>,
     last_probe: Result<(), String>,
+    /// Free VRAM of the roomiest device, in MiB, from the last probe.
+    vram_free_mb: Option<u64>,
 }
 
 struct LangflowState {
@@ -74,9 +90,18 @@ struct LangflowState {
 
 struct RunningTask {
     handle: SpawnHandle,
-    remote_id: String,
-    comfy: bool,
-    updates: Recipient<TaskUpdate>,
+    task: Task,
+}
+
+/// What the node last told the scheduler, to report changes only.
+#[derive(PartialEq)]
+struct Reported {
+    available: bool,
+    reason: Option<String>,
+    free_slots: u32,
+    vram_free_mb: Option<u64>,
+    restarts: u32,
+    reconnects: u32,
 }
 
 /// A GPU box and its services.
@@ -88,8 +113,13 @@ pub struct GpuNode {
     comfy: Option<ComfyState>,
     langflow: Option<LangflowState>,
     running: HashMap<TaskKey, RunningTask>,
-    /// Availability last reported, to report changes only.
-    reported: Option<(bool, Option<String>, u32)>,
+    /// Tasks that were running when the actor restarted; resumed once it has started again.
+    to_resume: Vec<Task>,
+    restarts: u32,
+    /// Times the event socket opened after the first time.
+    reconnects: u32,
+    socket_ever_opened: bool,
+    reported: Option<Reported>,
 }
 
 impl GpuNode {
@@ -106,7 +136,10 @@ impl GpuNode {
             socket_open: false,
             connecting: false,
             reconnect_delay: RECONNECT_INITIAL,
+            refused_upgrades: 0,
+            gave_up: None,
             last_probe: Err("not probed yet".into()),
+            vram_free_mb: None,
         });
         let langflow = config.langflow.as_ref().map(|service| LangflowState {
             client: LangflowClient::new(service.url.clone(), service.api_key.clone()),
@@ -120,17 +153,20 @@ impl GpuNode {
             comfy,
             langflow,
             running: HashMap::new(),
+            to_resume: Vec::new(),
+            restarts: 0,
+            reconnects: 0,
+            socket_ever_opened: false,
             reported: None,
         }
-    }
-
-    fn name(&self) -> &str {
-        &self.config.name
     }
 
     /// Available when every configured service answers (and ComfyUI's socket is open).
     fn availability(&self) -> (bool, Option<String>) {
         if let Some(comfy) = &self.comfy {
+            if let Some(reason) = &comfy.gave_up {
+                return (false, Some(format!("comfyui: {reason}")));
+            }
             if let Err(reason) = &comfy.last_probe {
                 return (false, Some(format!("comfyui: {reason}")));
             }
@@ -150,30 +186,41 @@ impl GpuNode {
             .saturating_sub(self.running.len() as u32)
     }
 
-    /// Tells the scheduler (and the activity stream) about availability or slot changes.
+    /// Tells the scheduler (and the activity stream) about availability or load changes.
     fn report(&mut self) {
         let (available, reason) = self.availability();
-        let free_slots = self.free_slots();
-        let now = (available, reason.clone(), free_slots);
+        let now = Reported {
+            available,
+            reason: reason.clone(),
+            free_slots: self.free_slots(),
+            vram_free_mb: self.comfy.as_ref().and_then(|comfy| comfy.vram_free_mb),
+            restarts: self.restarts,
+            reconnects: self.reconnects,
+        };
         if self.reported.as_ref() == Some(&now) {
             return;
         }
-        let availability_changed = self.reported.as_ref().map(|(a, r, _)| (*a, r.clone()))
-            != Some((available, reason.clone()));
-        self.reported = Some(now);
+        let availability_changed = self
+            .reported
+            .as_ref()
+            .is_none_or(|before| before.available != available || before.reason != reason);
         if availability_changed {
             self.hub.do_send(Publish(Activity::NodeState {
-                node: self.name().to_string(),
+                node: self.config.name.clone(),
                 available,
                 reason: reason.clone(),
             }));
         }
         self.scheduler.do_send(NodeStatus {
-            node: self.name().to_string(),
+            node: self.config.name.clone(),
             available,
             reason,
-            free_slots,
+            free_slots: now.free_slots,
+            vram_free_mb: now.vram_free_mb,
+            restarts: now.restarts,
+            reconnects: now.reconnects,
         });
+        self.reported = Some(now);
     }
 
     fn probe_health(&mut self, ctx: &mut Context<Self>) {
@@ -186,13 +233,13 @@ impl GpuNode {
                     client
                         .system_stats()
                         .await
-                        .map(drop)
-                        .map_err(|e| e.to_string()),
+                        .map(|stats| stats.devices.iter().map(|d| d.vram_free >> 20).max())
+                        .map_err(|err| err.to_string()),
                 ),
                 None => None,
             };
             let langflow = match langflow {
-                Some(client) => Some(client.health().await.map_err(|e| e.to_string())),
+                Some(client) => Some(client.health().await.map_err(|err| err.to_string())),
                 None => None,
             };
             addr.do_send(HealthProbed { comfy, langflow });
@@ -204,7 +251,7 @@ impl GpuNode {
         let Some(comfy) = self.comfy.as_mut() else {
             return;
         };
-        if comfy.socket_open || comfy.connecting {
+        if comfy.socket_open || comfy.connecting || comfy.gave_up.is_some() {
             return;
         }
         comfy.connecting = true;
@@ -214,10 +261,7 @@ impl GpuNode {
         let node = self.config.name.clone();
         let addr = ctx.address();
         let forward = async move {
-            let mut stream = match comfyui::connect_events(&url, &client_id).await {
-                Ok(stream) => stream,
-                Err(err) => return Err(err.to_string()),
-            };
+            let mut stream = comfyui::connect_events(&url, &client_id).await?;
             // connect_events returns once ComfyUI sent its first status frame: from here on,
             // prompts posted with our client id will have their events delivered.
             addr.do_send(SocketOpened);
@@ -232,7 +276,7 @@ impl GpuNode {
                     }
                 }
             }
-            Ok(())
+            Ok::<(), ComfyError>(())
         };
         ctx.spawn(
             forward
@@ -241,7 +285,9 @@ impl GpuNode {
         );
     }
 
-    fn socket_closed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
+    /// Schedules the next attempt with backoff, or gives up after repeated refusals.
+    fn socket_closed(&mut self, result: Result<(), ComfyError>, ctx: &mut Context<Self>) {
+        let node = self.config.name.clone();
         let Some(comfy) = self.comfy.as_mut() else {
             return;
         };
@@ -250,214 +296,131 @@ impl GpuNode {
         let delay = comfy.reconnect_delay;
         comfy.reconnect_delay = (delay * 2).min(RECONNECT_CAP);
         match result {
-            Ok(()) => info!(node = %self.config.name, retry_in = ?delay, "comfyui socket closed"),
-            Err(err) => {
-                debug!(node = %self.config.name, error = %err, retry_in = ?delay,
-                    "comfyui socket could not open");
-                if let Some(comfy) = self.comfy.as_mut() {
-                    comfy.last_probe = Err(err);
+            Ok(()) => info!(node = %node, retry_in = ?delay, "comfyui socket closed"),
+            Err(err @ ComfyError::UpgradeRefused { .. }) => {
+                comfy.refused_upgrades += 1;
+                warn!(node = %node, error = %err, attempt = comfy.refused_upgrades,
+                    "comfyui refused the socket upgrade");
+                if comfy.refused_upgrades >= MAX_REFUSED_UPGRADES {
+                    let reason = format!(
+                        "{err}; gave up after {} refused attempts (fix the server or proxy, \
+                         then restart the daemon)",
+                        comfy.refused_upgrades
+                    );
+                    warn!(node = %node, reason = %reason, "node unavailable");
+                    comfy.gave_up = Some(reason);
+                    self.report();
+                    return;
                 }
+            }
+            Err(err) => {
+                debug!(node = %node, error = %err, retry_in = ?delay,
+                    "comfyui socket could not open");
+                comfy.last_probe = Err(err.to_string());
             }
         }
         self.report();
         ctx.run_later(jittered(delay), |act, ctx| act.open_socket(ctx));
     }
 
-    fn run_task(&mut self, task: Task, ctx: &mut Context<Self>) {
-        let key = task.key.clone();
-        let node = self.config.name.clone();
-        let updates = task.updates.clone();
-        let remote_id = task.remote_id.clone();
-        let comfy = matches!(task.job, RemoteJob::Comfy(_));
-
-        let work = match self.prepare(task) {
-            Ok(work) => work,
-            Err(error) => {
-                let event = TaskEvent::Failed {
-                    error,
-                    retryable: false,
-                };
-                self.finish(key, node, updates, event);
-                return;
-            }
+    fn socket_opened(&mut self) {
+        let Some(comfy) = self.comfy.as_mut() else {
+            return;
         };
-        let finish_key = key.clone();
-        let handle = ctx.spawn(work.into_actor(self).map(move |event, act, _ctx| {
-            if let Some(task) = act.running.remove(&finish_key) {
-                act.finish(finish_key, act.config.name.clone(), task.updates, event);
-            }
-        }));
-        self.running.insert(
-            key,
-            RunningTask {
-                handle,
-                remote_id,
-                comfy,
-                updates,
-            },
-        );
+        info!(node = %self.config.name, "comfyui event socket open");
+        comfy.socket_open = true;
+        comfy.connecting = false;
+        comfy.reconnect_delay = RECONNECT_INITIAL;
+        comfy.refused_upgrades = 0;
+        if self.socket_ever_opened {
+            self.reconnects += 1;
+        }
+        self.socket_ever_opened = true;
         self.report();
     }
 
-    /// Builds the future that runs a task on the right service.
-    fn prepare(
-        &self,
-        task: Task,
-    ) -> Result<std::pin::Pin<Box<dyn std::future::Future<Output = TaskEvent>>>, StepError> {
-        let node = self.config.name.clone();
-        let files = self.files.clone();
-        match task.job.clone() {
-            RemoteJob::Comfy(job) => {
-                let comfy = self
-                    .comfy
-                    .as_ref()
-                    .ok_or_else(|| no_service(&node, "comfyui"))?;
-                let client = comfy.client.clone();
-                let client_id = comfy.client_id.clone();
-                let events = comfy.events.subscribe();
-                Ok(Box::pin(async move {
-                    if let Err(error) = confirm_placement(&task, &node).await {
-                        return TaskEvent::Failed {
-                            error,
-                            retryable: true,
-                        };
-                    }
-                    let updates = task.updates.clone();
-                    let progress = |progress: JobProgress| {
-                        let event = match progress {
-                            JobProgress::Submitted { .. } => TaskEvent::Submitted,
-                            JobProgress::Started => TaskEvent::Started,
-                            JobProgress::Progress {
-                                value,
-                                max,
-                                node: detail,
-                            } => TaskEvent::Progress { value, max, detail },
-                            JobProgress::Preview { mime, bytes, .. } => {
-                                TaskEvent::Preview { mime, bytes }
-                            }
-                            JobProgress::Warning { message, .. } => TaskEvent::Notice(message),
-                            _ => return,
-                        };
-                        updates.do_send(TaskUpdate {
-                            key: task.key.clone(),
-                            node: node.clone(),
-                            event,
-                        });
-                    };
-                    let outcome = comfyui::run_job(
-                        &client,
-                        &job,
-                        &task.remote_id,
-                        &client_id,
-                        events,
-                        &files,
-                        progress,
-                    )
-                    .await;
-                    match outcome {
-                        Ok(artifacts) => TaskEvent::Succeeded { artifacts },
-                        Err(err) => TaskEvent::Failed {
-                            retryable: err.is_retryable(),
-                            error: StepError {
-                                message: err.to_string(),
-                                details: err.details(),
-                            },
-                        },
-                    }
-                }))
+    fn run_task(&mut self, task: Task, ctx: &mut Context<Self>) {
+        let key = task.key.clone();
+        let services = match self.services_for(&task) {
+            Ok(services) => services,
+            Err(failure) => {
+                self.finish(&task, TaskEvent::Failed(failure));
+                return;
             }
+        };
+        let work = execute::execute(task.clone(), services);
+        let finished_key = key.clone();
+        let handle = ctx.spawn(work.into_actor(self).map(move |event, act, _ctx| {
+            if let Some(running) = act.running.remove(&finished_key) {
+                act.finish(&running.task, event);
+            }
+        }));
+        self.running.insert(key, RunningTask { handle, task });
+        self.report();
+    }
+
+    /// The clients a task needs, or why this node cannot run it.
+    fn services_for(&self, task: &Task) -> Result<Services, TaskFailure> {
+        let node = self.config.name.clone();
+        let comfy = self.comfy.as_ref().map(|state| ComfyService {
+            client: state.client.clone(),
+            client_id: state.client_id.clone(),
+            events: state.events.clone(),
+        });
+        let langflow = match &task.job {
             RemoteJob::Langflow(job) => {
                 let service = self.config.langflow.as_ref();
                 let state = self.langflow.as_ref();
                 let (Some(service), Some(state)) = (service, state) else {
-                    return Err(no_service(&node, "langflow"));
+                    return Err(TaskFailure::permanent(format!(
+                        "node {node} runs no langflow"
+                    )));
                 };
-                let flow = service
-                    .flows
-                    .get(&job.flow)
-                    .cloned()
-                    .ok_or_else(|| StepError {
-                        message: format!("node {node} has no LangFlow flow named {}", job.flow),
-                        details: None,
-                    })?;
-                let client = state.client.clone();
-                Ok(Box::pin(async move {
-                    if let Err(error) = confirm_placement(&task, &node).await {
-                        return TaskEvent::Failed {
-                            error,
-                            retryable: true,
-                        };
-                    }
-                    task.updates.do_send(TaskUpdate {
-                        key: task.key.clone(),
-                        node: node.clone(),
-                        event: TaskEvent::Started,
-                    });
-                    let outcome =
-                        langflow::run_job(&client, &job, &flow, &task.remote_id, |_token| {}).await;
-                    let text = match outcome {
-                        Ok(text) => text,
-                        Err(err) => {
-                            return TaskEvent::Failed {
-                                retryable: err.is_retryable(),
-                                error: StepError {
-                                    message: err.to_string(),
-                                    details: None,
-                                },
-                            }
-                        }
-                    };
-                    let stored = files
-                        .put_bytes(
-                            text.into_bytes().into(),
-                            &format!("{}.txt", task.key.step_id),
-                            ArtifactKind::Text,
-                            "text/plain; charset=utf-8",
-                        )
-                        .await;
-                    match stored {
-                        Ok(meta) => TaskEvent::Succeeded {
-                            artifacts: vec![meta],
-                        },
-                        Err(err) => TaskEvent::Failed {
-                            error: StepError {
-                                message: err.to_string(),
-                                details: None,
-                            },
-                            retryable: true,
-                        },
-                    }
-                }))
+                let flow = service.flows.get(&job.flow).cloned().ok_or_else(|| {
+                    let message = format!("node {node} has no LangFlow flow named {}", job.flow);
+                    TaskFailure::permanent(message)
+                })?;
+                Some(LangflowService {
+                    client: state.client.clone(),
+                    flow,
+                })
             }
-        }
+            RemoteJob::Comfy(_) => None,
+        };
+        Ok(Services {
+            node,
+            files: self.files.clone(),
+            comfy,
+            langflow,
+        })
     }
 
-    fn finish(
-        &mut self,
-        key: TaskKey,
-        node: String,
-        updates: Recipient<TaskUpdate>,
-        event: TaskEvent,
-    ) {
+    /// Reports a task's end to its run and to the scheduler, which frees the slot.
+    fn finish(&mut self, task: &Task, event: TaskEvent) {
+        let node = self.config.name.clone();
         let done = TaskUpdate {
-            key: key.clone(),
+            key: task.key.clone(),
             node: node.clone(),
-            event: copy_final(&event),
+            event: summary(&event),
         };
         self.scheduler.do_send(done);
-        updates.do_send(TaskUpdate { key, node, event });
+        task.updates.do_send(TaskUpdate {
+            key: task.key.clone(),
+            node,
+            event,
+        });
         self.report();
     }
 
     fn abort(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
-        let Some(task) = self.running.remove(&key) else {
+        let Some(running) = self.running.remove(&key) else {
             return;
         };
-        ctx.cancel_future(task.handle);
+        ctx.cancel_future(running.handle);
         info!(node = %self.config.name, task = %key, "task aborted");
-        if let (true, Some(comfy)) = (task.comfy, self.comfy.as_ref()) {
+        if let (RemoteJob::Comfy(_), Some(comfy)) = (&running.task.job, self.comfy.as_ref()) {
             let client = comfy.client.clone();
-            let prompt_id = task.remote_id.clone();
+            let prompt_id = running.task.remote_id.clone();
             actix::spawn(async move {
                 if let Err(err) = client.delete_queued(std::slice::from_ref(&prompt_id)).await {
                     debug!(prompt_id = %prompt_id, error = %err, "dequeue on abort failed");
@@ -467,47 +430,19 @@ impl GpuNode {
                 }
             });
         }
-        let node = self.config.name.clone();
-        self.finish(key, node, task.updates, TaskEvent::Cancelled);
-    }
-}
-
-fn no_service(node: &str, service: &str) -> StepError {
-    StepError {
-        message: format!("node {node} runs no {service}"),
-        details: None,
+        // A LangFlow call is aborted by dropping its future: the HTTP request goes with it.
+        self.finish(&running.task, TaskEvent::Cancelled);
     }
 }
 
 /// The scheduler only needs to know that a task ended; payloads stay with the run.
-fn copy_final(event: &TaskEvent) -> TaskEvent {
+fn summary(event: &TaskEvent) -> TaskEvent {
     match event {
         TaskEvent::Succeeded { .. } => TaskEvent::Succeeded {
             artifacts: Vec::new(),
         },
-        TaskEvent::Failed { error, retryable } => TaskEvent::Failed {
-            error: error.clone(),
-            retryable: *retryable,
-        },
+        TaskEvent::Failed(failure) => TaskEvent::Failed(failure.clone()),
         _ => TaskEvent::Cancelled,
-    }
-}
-
-async fn confirm_placement(task: &Task, node: &str) -> Result<(), StepError> {
-    let confirm = crate::task::ConfirmPlacement {
-        key: task.key.clone(),
-        node: node.to_string(),
-    };
-    match task.placement.send(confirm).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(message)) => Err(StepError {
-            message,
-            details: None,
-        }),
-        Err(_) => Err(StepError {
-            message: "the run stopped before the task started".into(),
-            details: None,
-        }),
     }
 }
 
@@ -521,35 +456,38 @@ impl Actor for GpuNode {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        info!(node = %self.config.name, "node started");
+        info!(node = %self.config.name, restarts = self.restarts, "node started");
         self.probe_health(ctx);
         self.open_socket(ctx);
         ctx.run_interval(HEALTH_INTERVAL, |act, ctx| act.probe_health(ctx));
+        for task in std::mem::take(&mut self.to_resume) {
+            self.run_task(task, ctx);
+        }
     }
 }
 
 impl Supervised for GpuNode {
+    /// The old context's futures (socket, tasks) are gone: reopen the socket from scratch and
+    /// resume every task that was running, asking the service where each stands rather than
+    /// sending it again.
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        // Spawned futures (socket, tasks) were cancelled with the old context.
-        warn!(node = %self.config.name, running = self.running.len(), "node actor restarting");
+        self.restarts += 1;
+        warn!(node = %self.config.name, running = self.running.len(), restarts = self.restarts,
+            "node actor restarting");
         if let Some(comfy) = self.comfy.as_mut() {
             comfy.socket_open = false;
             comfy.connecting = false;
             comfy.reconnect_delay = RECONNECT_INITIAL;
+            comfy.refused_upgrades = 0;
         }
-        for (key, task) in self.running.drain() {
-            task.updates.do_send(TaskUpdate {
-                key,
-                node: self.config.name.clone(),
-                event: TaskEvent::Failed {
-                    error: StepError {
-                        message: "node actor restarted".into(),
-                        details: None,
-                    },
-                    retryable: true,
-                },
-            });
-        }
+        self.to_resume = self
+            .running
+            .drain()
+            .map(|(_, running)| Task {
+                resume: true,
+                ..running.task
+            })
+            .collect();
         self.reported = None;
     }
 }
@@ -574,14 +512,7 @@ impl Handler<SocketOpened> for GpuNode {
     type Result = ();
 
     fn handle(&mut self, _msg: SocketOpened, _ctx: &mut Self::Context) {
-        let Some(comfy) = self.comfy.as_mut() else {
-            return;
-        };
-        info!(node = %self.config.name, "comfyui event socket open");
-        comfy.socket_open = true;
-        comfy.connecting = false;
-        comfy.reconnect_delay = RECONNECT_INITIAL;
-        self.report();
+        self.socket_opened();
     }
 }
 
@@ -590,7 +521,13 @@ impl Handler<HealthProbed> for GpuNode {
 
     fn handle(&mut self, msg: HealthProbed, ctx: &mut Self::Context) {
         if let (Some(state), Some(result)) = (self.comfy.as_mut(), msg.comfy) {
-            state.last_probe = result;
+            match result {
+                Ok(vram_free_mb) => {
+                    state.last_probe = Ok(());
+                    state.vram_free_mb = vram_free_mb.or(state.vram_free_mb);
+                }
+                Err(reason) => state.last_probe = Err(reason),
+            }
         }
         if let (Some(state), Some(result)) = (self.langflow.as_mut(), msg.langflow) {
             state.last_probe = result;

@@ -18,7 +18,7 @@ use crate::activity::{Activity, ActivityHub, Publish};
 use crate::artifact::{ArtifactKind, ArtifactMeta};
 use crate::scheduler::{CancelRun, Enqueue, Scheduler};
 use crate::store::{RemoteRef, RunRecord, RunState, StepError, StepRecord, StepState, Store};
-use crate::task::{ConfirmPlacement, RemoteJob, Task, TaskEvent, TaskKey, TaskUpdate};
+use crate::task::{ConfirmPlacement, RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
 use crate::workflow::{Catalog, InputArtifact, Job, Plan, Service};
 
 /// Largest text artifact read into memory to feed a downstream step's prompt.
@@ -85,7 +85,29 @@ pub struct Snapshot;
 #[rtype(result = "()")]
 struct StepPrepared {
     step_id: String,
+    mode: Dispatch,
     outcome: Result<Prepared, StepError>,
+}
+
+/// How a rendered remote step goes to the scheduler.
+#[derive(Debug, Clone)]
+enum Dispatch {
+    /// A new attempt: a new remote id, any capable node.
+    Fresh,
+    /// Work that may already be on `node` (found in flight after a restart): same attempt,
+    /// same remote id, pinned to that node, which looks it up before sending anything.
+    Resume { node: String },
+}
+
+/// Constraints of a new attempt.
+#[derive(Debug, Clone, Default)]
+struct AttemptOptions {
+    avoid_nodes: Vec<String>,
+    more_vram_than: Option<String>,
+    /// Keep the remote id and look the work up on this node first: after a failure whose
+    /// outcome is unknown (a dropped connection while posting, a node that went away), the
+    /// service may have the work already.
+    check_first_on: Option<String>,
 }
 
 enum Prepared {
@@ -100,13 +122,32 @@ pub struct WorkflowRun {
     record: RunRecord,
     plan: Arc<Plan>,
     services: RunServices,
-    /// Rendered jobs by step, kept so a task can be queued again after its node restarts.
+    /// Rendered jobs by step, kept so a retry does not render again.
     pending_jobs: HashMap<String, RemoteJob>,
+    /// Steps whose out-of-memory retry on another node has been used.
+    oom_retried: std::collections::HashSet<String>,
+    /// Set for a run read back from the store: its steps in flight are resumed on start.
+    resuming: bool,
 }
 
 impl WorkflowRun {
     /// Starts a run whose record is already in the store, under supervision.
     pub fn start(record: RunRecord, plan: Plan, services: RunServices) -> Addr<WorkflowRun> {
+        Self::spawn(record, plan, services, false)
+    }
+
+    /// Starts a run found unfinished in the store after a restart: work that was in flight
+    /// is looked up on its node rather than sent again.
+    pub fn resume(record: RunRecord, plan: Plan, services: RunServices) -> Addr<WorkflowRun> {
+        Self::spawn(record, plan, services, true)
+    }
+
+    fn spawn(
+        record: RunRecord,
+        plan: Plan,
+        services: RunServices,
+        resuming: bool,
+    ) -> Addr<WorkflowRun> {
         let id = record.id.clone();
         let registry = services.registry.clone();
         let plan = Arc::new(plan);
@@ -115,6 +156,8 @@ impl WorkflowRun {
             plan,
             services,
             pending_jobs: HashMap::new(),
+            oom_retried: Default::default(),
+            resuming,
         });
         registry.insert(id, addr.clone());
         addr
@@ -215,7 +258,7 @@ impl WorkflowRun {
             changed = true;
         }
         for step_id in &ready {
-            self.prepare_step(step_id, ctx);
+            self.prepare_step(step_id, Dispatch::Fresh, ctx);
         }
         if changed {
             for step in self
@@ -239,11 +282,9 @@ impl WorkflowRun {
         }
     }
 
-    /// Marks a step queued and renders it (reading its inputs) off the mailbox.
-    fn prepare_step(&mut self, step_id: &str, ctx: &mut Context<Self>) {
-        let Some(planned) = self.plan.step(step_id) else {
-            return;
-        };
+    /// Renders a step (reading its inputs) off the mailbox. A fresh step is marked queued
+    /// first; a resumed one keeps the state it was found in.
+    fn prepare_step(&mut self, step_id: &str, mode: Dispatch, ctx: &mut Context<Self>) {
         let inputs = match self.input_artifacts(step_id) {
             Ok(inputs) => inputs,
             Err(error) => {
@@ -251,7 +292,7 @@ impl WorkflowRun {
                 return;
             }
         };
-        if let Some(step) = self.record.step_mut(step_id) {
+        if let (Dispatch::Fresh, Some(step)) = (&mode, self.record.step_mut(step_id)) {
             step.state = StepState::Queued;
             step.queued_at = Some(OffsetDateTime::now_utc());
         }
@@ -262,11 +303,46 @@ impl WorkflowRun {
         let step_id = step_id.to_string();
         let addr = ctx.address();
         let run_name = self.record.name.clone();
-        let _ = planned;
         actix::spawn(async move {
             let outcome = prepare(&plan, &catalog, &files, &step_id, inputs, &run_name).await;
-            addr.do_send(StepPrepared { step_id, outcome });
+            addr.do_send(StepPrepared {
+                step_id,
+                mode,
+                outcome,
+            });
         });
+    }
+
+    /// Picks up a run found unfinished in the store: steps in flight on a node are resumed
+    /// there (the node asks its service before sending anything), steps queued but never
+    /// placed are queued again, and steps being prepared start over.
+    fn resume_in_flight(&mut self, ctx: &mut Context<Self>) {
+        let mut resumed = Vec::new();
+        for step in self
+            .record
+            .steps
+            .iter_mut()
+            .filter(|s| !s.state.is_terminal())
+        {
+            let placed = matches!(
+                step.state,
+                StepState::Assigned | StepState::Submitted | StepState::Running
+            );
+            match (placed, &step.node, &step.remote) {
+                (true, Some(node), Some(_)) => resumed.push((step.id.clone(), node.clone())),
+                (_, _, Some(_)) => resumed.push((step.id.clone(), String::new())),
+                _ => step.state = StepState::Pending,
+            }
+        }
+        for (step_id, node) in resumed {
+            info!(run_id = %self.record.id, step = %step_id, node = %node, "resuming step");
+            let mode = if node.is_empty() {
+                Dispatch::Fresh
+            } else {
+                Dispatch::Resume { node }
+            };
+            self.prepare_step(&step_id, mode, ctx);
+        }
     }
 
     /// The artifacts of a step's inputs, in the plan's input order.
@@ -292,37 +368,99 @@ impl WorkflowRun {
         Ok(inputs)
     }
 
-    fn on_prepared(
-        &mut self,
-        step_id: String,
-        outcome: Result<Prepared, StepError>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn on_prepared(&mut self, prepared: StepPrepared, ctx: &mut Context<Self>) {
+        let StepPrepared {
+            step_id,
+            mode,
+            outcome,
+        } = prepared;
         if self.record.state.is_terminal() {
             return;
         }
-        match outcome {
-            Err(error) => self.fail_step(&step_id, error, ctx),
-            Ok(Prepared::Done(artifacts)) => self.succeed_step(&step_id, artifacts, ctx),
-            Ok(Prepared::Remote(job)) => {
+        match (outcome, mode) {
+            (Err(error), _) => self.fail_step(&step_id, error, ctx),
+            (Ok(Prepared::Done(artifacts)), _) => self.succeed_step(&step_id, artifacts, ctx),
+            (Ok(Prepared::Remote(job)), Dispatch::Fresh) => {
                 self.pending_jobs.insert(step_id.clone(), job);
-                self.dispatch(&step_id, ctx);
+                self.dispatch(&step_id, AttemptOptions::default(), ctx);
+            }
+            (Ok(Prepared::Remote(job)), Dispatch::Resume { node }) => {
+                self.pending_jobs.insert(step_id.clone(), job);
+                self.requeue_resumed(&step_id, node, ctx.address());
             }
         }
     }
 
+    /// Queues work found in flight again, as it was: same attempt, same remote id, on the
+    /// node it was sent to. Nothing changed in the record, so nothing needs persisting.
+    fn requeue_resumed(&mut self, step_id: &str, node: String, addr: Addr<WorkflowRun>) {
+        let (Some(job), Some(step)) = (self.pending_jobs.get(step_id), self.record.step(step_id))
+        else {
+            return;
+        };
+        let Some(requirement) = self.plan.step(step_id).and_then(|s| s.requirement.clone()) else {
+            return;
+        };
+        let remote_id = match &step.remote {
+            Some(RemoteRef::Comfyui { prompt_id }) => prompt_id.clone(),
+            Some(RemoteRef::Langflow { session_id }) => session_id.clone(),
+            None => return,
+        };
+        let key = TaskKey {
+            run_id: self.record.id.clone(),
+            step_id: step_id.to_string(),
+            attempt: step.attempts,
+        };
+        let task = Self::task(addr, key, requirement, job.clone(), remote_id);
+        let task = Task {
+            resume: true,
+            pinned_node: Some(node),
+            ..task
+        };
+        self.services.scheduler.do_send(Enqueue(task));
+    }
+
+    fn task(
+        addr: Addr<WorkflowRun>,
+        key: TaskKey,
+        requirement: crate::workflow::Requirement,
+        job: RemoteJob,
+        remote_id: String,
+    ) -> Task {
+        Task {
+            key,
+            requirement,
+            job,
+            remote_id,
+            updates: addr.clone().recipient(),
+            placement: addr.recipient(),
+            resume: false,
+            pinned_node: None,
+            avoid_nodes: Vec::new(),
+            more_vram_than: None,
+        }
+    }
+
     /// Records the remote id of a new attempt, then queues the task once that is durable.
-    fn dispatch(&mut self, step_id: &str, ctx: &mut Context<Self>) {
+    fn dispatch(&mut self, step_id: &str, options: AttemptOptions, ctx: &mut Context<Self>) {
         let Some(job) = self.pending_jobs.get(step_id).cloned() else {
             return;
         };
         let Some(requirement) = self.plan.step(step_id).and_then(|s| s.requirement.clone()) else {
             return;
         };
-        let remote_id = uuid::Uuid::new_v4().to_string();
         let run_id = self.record.id.clone();
         let Some(step) = self.record.step_mut(step_id) else {
             return;
+        };
+        let known_remote_id = match &step.remote {
+            Some(RemoteRef::Comfyui { prompt_id }) => Some(prompt_id.clone()),
+            Some(RemoteRef::Langflow { session_id }) => Some(session_id.clone()),
+            None => None,
+        };
+        let (remote_id, check_first_on) = match (known_remote_id, options.check_first_on) {
+            (Some(id), Some(node)) => (id, Some(node)),
+            _ => (uuid::Uuid::new_v4().to_string(), None),
         };
         step.attempts += 1;
         step.state = StepState::Queued;
@@ -339,17 +477,18 @@ impl WorkflowRun {
             step_id: step_id.to_string(),
             attempt: step.attempts,
         };
+        step.node = None;
+        step.error = None;
         let step = step.clone();
         self.publish_step(&step);
 
-        let addr = ctx.address();
+        let task = Self::task(ctx.address(), key, requirement, job, remote_id);
         let task = Task {
-            key,
-            requirement,
-            job,
-            remote_id,
-            updates: addr.clone().recipient(),
-            placement: addr.recipient(),
+            avoid_nodes: options.avoid_nodes,
+            more_vram_than: options.more_vram_than,
+            resume: check_first_on.is_some(),
+            pinned_node: check_first_on,
+            ..task
         };
         self.persist_then(ctx, move |act, _ctx| {
             act.services.scheduler.do_send(Enqueue(task));
@@ -520,7 +659,7 @@ impl WorkflowRun {
                 message,
             }),
             TaskEvent::Succeeded { artifacts } => self.succeed_step(&key.step_id, artifacts, ctx),
-            TaskEvent::Failed { error, .. } => self.fail_step(&key.step_id, error, ctx),
+            TaskEvent::Failed(failure) => self.task_failed(&key, &node, failure, ctx),
             TaskEvent::Cancelled => {
                 if let Some(step) = self.record.step_mut(&key.step_id) {
                     step.state = StepState::Cancelled;
@@ -529,6 +668,67 @@ impl WorkflowRun {
                 self.persist_then(ctx, |act, ctx| act.advance(ctx));
             }
         }
+    }
+
+    /// Decides what a failed attempt leads to: one retry on a roomier node after running out
+    /// of memory, a later attempt for failures that may pass, or the step's failure.
+    fn task_failed(
+        &mut self,
+        key: &TaskKey,
+        node: &str,
+        failure: TaskFailure,
+        ctx: &mut Context<Self>,
+    ) {
+        let step_id = key.step_id.as_str();
+        let Some(planned) = self.plan.step(step_id) else {
+            return;
+        };
+        let policy = planned.retry();
+        let attempts = self.record.step(step_id).map_or(0, |step| step.attempts);
+        let message = &failure.error.message;
+
+        if failure.out_of_memory && !node.is_empty() && self.oom_retried.insert(step_id.into()) {
+            self.notice(
+                step_id,
+                format!("out of memory on {node}; retrying on a node with more free VRAM"),
+            );
+            let options = AttemptOptions {
+                avoid_nodes: vec![node.to_string()],
+                more_vram_than: Some(node.to_string()),
+                check_first_on: None,
+            };
+            self.dispatch(step_id, options, ctx);
+        } else if failure.retryable && attempts < policy.attempts {
+            let delay = policy.backoff(attempts);
+            self.notice(
+                step_id,
+                format!(
+                    "attempt {attempts} of {} failed ({message}); retrying in {delay:?}",
+                    policy.attempts
+                ),
+            );
+            let step_id = step_id.to_string();
+            ctx.run_later(delay, move |act, ctx| {
+                let still_wanted = act
+                    .record
+                    .step(&step_id)
+                    .is_some_and(|s| !s.state.is_terminal());
+                if still_wanted && !act.record.state.is_terminal() {
+                    act.dispatch(&step_id, AttemptOptions::default(), ctx);
+                }
+            });
+        } else {
+            self.fail_step(step_id, failure.error, ctx);
+        }
+    }
+
+    fn notice(&self, step_id: &str, message: String) {
+        info!(run_id = %self.record.id, step = %step_id, "{message}");
+        self.publish(Activity::StepNotice {
+            run_id: self.record.id.clone(),
+            step_id: step_id.to_string(),
+            message,
+        });
     }
 
     fn set_step_state(&mut self, step_id: &str, state: StepState, ctx: &mut Context<Self>) {
@@ -628,6 +828,9 @@ impl Actor for WorkflowRun {
                 steps: self.record.steps.iter().map(|s| s.id.clone()).collect(),
             });
         }
+        if std::mem::take(&mut self.resuming) {
+            self.resume_in_flight(ctx);
+        }
         self.advance(ctx);
     }
 }
@@ -672,7 +875,7 @@ impl Handler<StepPrepared> for WorkflowRun {
     type Result = ();
 
     fn handle(&mut self, msg: StepPrepared, ctx: &mut Self::Context) {
-        self.on_prepared(msg.step_id, msg.outcome, ctx);
+        self.on_prepared(msg, ctx);
     }
 }
 

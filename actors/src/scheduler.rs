@@ -1,12 +1,19 @@
 //! The `Scheduler` actor: places every ready task on the best node.
 //!
-//! Runs send [`Enqueue`]; nodes report their availability and free slots with
+//! Runs send [`Enqueue`]; nodes report their availability, free slots and free VRAM with
 //! [`NodeStatus`]. A task goes to a node that is available, has a free slot and can run it
 //! (service, capability, models, VRAM); among those, one that recently ran the task's models
 //! wins (a cold Flux or Wan load costs tens of seconds), then the one with the most free
 //! slots. Tasks nobody can take now wait in arrival order.
+//!
+//! Two kinds of task carry constraints. A task resumed after a restart is pinned to the node
+//! its work was sent to, until that node has been away for the grace period; then it is
+//! placed anywhere as new work. A retry after out-of-memory avoids the node that failed and
+//! wants one with more free VRAM; a task no node could ever take fails at once rather than
+//! waiting forever.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::Serialize;
@@ -14,10 +21,12 @@ use tracing::{debug, info};
 
 use crate::config::NodeConfig;
 use crate::node::{AbortTask, GpuNode, RunTask};
-use crate::task::{Task, TaskEvent, TaskKey, TaskUpdate};
+use crate::task::{Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
 
 /// How many recently used model files the scheduler remembers per node.
 const REMEMBERED_MODELS: usize = 8;
+/// How often waiting tasks are checked against the grace period.
+const GRACE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A node joins the scheduler's view (sent once per node at startup).
 #[derive(Message)]
@@ -35,6 +44,12 @@ pub struct NodeStatus {
     pub available: bool,
     pub reason: Option<String>,
     pub free_slots: u32,
+    /// Free VRAM of the node's GPU, in MiB, when the service reports it.
+    pub vram_free_mb: Option<u64>,
+    /// Times the node's actor was restarted by its supervisor.
+    pub restarts: u32,
+    /// Times the node's event socket was opened again after being lost.
+    pub reconnects: u32,
 }
 
 /// Queue a task for placement.
@@ -68,7 +83,10 @@ pub struct NodeView {
     pub capabilities: Vec<String>,
     pub gpus: Vec<String>,
     pub vram_mb: u64,
+    pub vram_free_mb: Option<u64>,
     pub recent_models: Vec<String>,
+    pub restarts: u32,
+    pub reconnects: u32,
 }
 
 struct NodeEntry {
@@ -81,6 +99,11 @@ struct NodeEntry {
     running: Vec<TaskKey>,
     /// Most recent first.
     recent_models: VecDeque<String>,
+    vram_free_mb: Option<u64>,
+    restarts: u32,
+    reconnects: u32,
+    /// When the node last stopped being available; `None` while it is.
+    away_since: Option<Instant>,
 }
 
 impl NodeEntry {
@@ -112,7 +135,10 @@ impl NodeEntry {
                 .map(|gpu| gpu.model.clone())
                 .collect(),
             vram_mb: self.config.total_vram_mb(),
+            vram_free_mb: self.vram_free_mb,
             recent_models: self.recent_models.iter().cloned().collect(),
+            restarts: self.restarts,
+            reconnects: self.reconnects,
         }
     }
 
@@ -125,33 +151,50 @@ impl NodeEntry {
     }
 }
 
+/// A task waiting for a node, and since when.
+struct Waiting {
+    task: Task,
+    since: Instant,
+}
+
 /// The ready queue and the live view of node capacity.
-#[derive(Default)]
 pub struct Scheduler {
     nodes: Vec<NodeEntry>,
-    queue: VecDeque<Task>,
+    queue: VecDeque<Waiting>,
+    /// How long a node may be away before work pinned to it is placed elsewhere.
+    node_grace: Duration,
 }
 
 impl Scheduler {
+    pub fn new(node_grace: Duration) -> Scheduler {
+        Scheduler {
+            nodes: Vec::new(),
+            queue: VecDeque::new(),
+            node_grace,
+        }
+    }
+
     /// Places as many queued tasks as free slots allow, in arrival order; a task no node can
     /// take now does not hold back the ones behind it.
     fn dispatch(&mut self) {
-        let mut waiting = VecDeque::new();
-        while let Some(task) = self.queue.pop_front() {
-            match self.pick_node(&task) {
-                Some(index) => self.place(index, task),
-                None => waiting.push_back(task),
+        let mut still_waiting = VecDeque::new();
+        while let Some(waiting) = self.queue.pop_front() {
+            match self.pick_node(&waiting.task) {
+                Some(index) => self.place(index, waiting.task),
+                None => still_waiting.push_back(waiting),
             }
         }
-        self.queue = waiting;
+        self.queue = still_waiting;
     }
 
+    /// The best node that can take the task now.
     fn pick_node(&self, task: &Task) -> Option<usize> {
         self.nodes
             .iter()
             .enumerate()
             .filter(|(_, node)| node.available && node.free_slots > 0)
-            .filter(|(_, node)| task.requirement.satisfied_by(&node.config))
+            .filter(|(_, node)| self.allowed(task, node))
+            .filter(|(_, node)| self.has_more_vram(task, node))
             .max_by_key(|(index, node)| {
                 (
                     node.warm_models(task),
@@ -160,6 +203,70 @@ impl Scheduler {
                 )
             })
             .map(|(index, _)| index)
+    }
+
+    /// Whether the node may ever take the task: it can run it and the task does not exclude
+    /// it.
+    fn allowed(&self, task: &Task, node: &NodeEntry) -> bool {
+        let name = &node.config.name;
+        let pinned_elsewhere = task.pinned_node.as_ref().is_some_and(|pin| pin != name);
+        !pinned_elsewhere
+            && !task.avoid_nodes.contains(name)
+            && task.requirement.satisfied_by(&node.config)
+    }
+
+    /// For a retry after out-of-memory: more free VRAM than the node that failed had. Unknown
+    /// figures do not exclude a node.
+    fn has_more_vram(&self, task: &Task, node: &NodeEntry) -> bool {
+        let Some(failed) = &task.more_vram_than else {
+            return true;
+        };
+        let failed_free = self.node(failed).and_then(|entry| entry.vram_free_mb);
+        match (node.vram_free_mb, failed_free) {
+            (Some(free), Some(failed_free)) => free > failed_free,
+            _ => true,
+        }
+    }
+
+    /// Lets go of pins to nodes away longer than the grace period, and fails tasks that
+    /// waited that long for a node with more VRAM that never came.
+    fn apply_grace(&mut self) {
+        let grace = self.node_grace;
+        let mut changed = false;
+        let mut kept = VecDeque::new();
+        while let Some(mut waiting) = self.queue.pop_front() {
+            if let Some(pin) = waiting.task.pinned_node.clone() {
+                let away_too_long = match self.node(&pin) {
+                    Some(node) => node.away_since.is_some_and(|since| since.elapsed() > grace),
+                    None => true,
+                };
+                if away_too_long {
+                    info!(task = %waiting.task.key, node = %pin,
+                        "node away past the grace period; placing the task elsewhere");
+                    waiting.task.pinned_node = None;
+                    waiting.task.resume = false;
+                    waiting.task.avoid_nodes.push(pin);
+                    changed = true;
+                }
+            }
+            if waiting.task.more_vram_than.is_some() && waiting.since.elapsed() > grace {
+                let failed = waiting.task.more_vram_than.clone().unwrap_or_default();
+                let message = format!(
+                    "out of memory on {failed}, and no node with more free VRAM became available"
+                );
+                reply_failed(&waiting.task, TaskFailure::permanent(message));
+                continue;
+            }
+            kept.push_back(waiting);
+        }
+        self.queue = kept;
+        if changed {
+            self.dispatch();
+        }
+    }
+
+    fn node(&self, name: &str) -> Option<&NodeEntry> {
+        self.nodes.iter().find(|node| node.config.name == name)
     }
 
     fn place(&mut self, index: usize, task: Task) {
@@ -180,8 +287,21 @@ impl Scheduler {
     }
 }
 
+/// Tells a task's run that it failed before reaching a node.
+fn reply_failed(task: &Task, failure: TaskFailure) {
+    task.updates.do_send(TaskUpdate {
+        key: task.key.clone(),
+        node: String::new(),
+        event: TaskEvent::Failed(failure),
+    });
+}
+
 impl Actor for Scheduler {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(GRACE_CHECK_INTERVAL, |act, _ctx| act.apply_grace());
+    }
 }
 
 impl Supervised for Scheduler {
@@ -203,6 +323,10 @@ impl Handler<RegisterNode> for Scheduler {
             free_slots: 0,
             running: Vec::new(),
             recent_models: VecDeque::new(),
+            vram_free_mb: None,
+            restarts: 0,
+            reconnects: 0,
+            away_since: Some(Instant::now()),
             addr: msg.addr,
             config: msg.config,
         });
@@ -220,9 +344,17 @@ impl Handler<NodeStatus> for Scheduler {
             info!(node = %msg.node, available = msg.available, reason = ?msg.reason,
                 "node availability changed");
         }
+        if msg.available {
+            node.away_since = None;
+        } else if node.away_since.is_none() {
+            node.away_since = Some(Instant::now());
+        }
         node.available = msg.available;
         node.reason = msg.reason;
         node.free_slots = msg.free_slots;
+        node.vram_free_mb = msg.vram_free_mb.or(node.vram_free_mb);
+        node.restarts = msg.restarts;
+        node.reconnects = msg.reconnects;
         self.dispatch();
     }
 }
@@ -232,7 +364,23 @@ impl Handler<Enqueue> for Scheduler {
 
     fn handle(&mut self, Enqueue(task): Enqueue, _ctx: &mut Self::Context) {
         debug!(task = %task.key, capability = %task.requirement.capability, "task queued");
-        self.queue.push_back(task);
+        let possible = self.nodes.iter().any(|node| self.allowed(&task, node));
+        if !possible && task.pinned_node.is_none() {
+            let message = if task.avoid_nodes.is_empty() {
+                "no configured node can run this step".to_string()
+            } else {
+                format!(
+                    "no node other than {} can run this step",
+                    task.avoid_nodes.join(", ")
+                )
+            };
+            reply_failed(&task, TaskFailure::permanent(message));
+            return;
+        }
+        self.queue.push_back(Waiting {
+            task,
+            since: Instant::now(),
+        });
         self.dispatch();
     }
 }
@@ -244,7 +392,7 @@ impl Handler<TaskUpdate> for Scheduler {
     fn handle(&mut self, msg: TaskUpdate, _ctx: &mut Self::Context) {
         let finished = matches!(
             msg.event,
-            TaskEvent::Succeeded { .. } | TaskEvent::Failed { .. } | TaskEvent::Cancelled
+            TaskEvent::Succeeded { .. } | TaskEvent::Failed(_) | TaskEvent::Cancelled
         );
         if let (true, Some(node)) = (finished, self.node_mut(&msg.node)) {
             node.running.retain(|key| key != &msg.key);
@@ -256,12 +404,12 @@ impl Handler<CancelRun> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: CancelRun, _ctx: &mut Self::Context) {
-        let (cancelled, kept): (VecDeque<Task>, VecDeque<Task>) = self
+        let (cancelled, kept): (VecDeque<Waiting>, VecDeque<Waiting>) = self
             .queue
             .drain(..)
-            .partition(|task| task.key.run_id == msg.run_id);
+            .partition(|waiting| waiting.task.key.run_id == msg.run_id);
         self.queue = kept;
-        for task in cancelled {
+        for Waiting { task, .. } in cancelled {
             task.updates.do_send(TaskUpdate {
                 key: task.key.clone(),
                 node: String::new(),

@@ -40,6 +40,17 @@ pub struct Task {
     pub updates: Recipient<TaskUpdate>,
     /// Asked, and awaited, before the node sends anything remote: the run records the node.
     pub placement: Recipient<ConfirmPlacement>,
+    /// The work may already have been sent (before a restart or while a node was away): the
+    /// node first asks its service where the work stands, and sends it only if the service
+    /// does not know it.
+    pub resume: bool,
+    /// Run only on this node: the one the work was sent to. The scheduler lets go of the pin
+    /// once the node has been away longer than the grace period.
+    pub pinned_node: Option<String>,
+    /// Nodes not to use for this attempt, e.g. one that just ran out of memory on it.
+    pub avoid_nodes: Vec<String>,
+    /// Only nodes with more free VRAM than this node had: the retry after out-of-memory.
+    pub more_vram_than: Option<String>,
 }
 
 impl std::fmt::Debug for Task {
@@ -88,9 +99,38 @@ pub enum TaskEvent {
     Succeeded {
         artifacts: Vec<ArtifactMeta>,
     },
-    Failed {
-        error: StepError,
-        retryable: bool,
-    },
+    Failed(TaskFailure),
     Cancelled,
+}
+
+/// Why a task failed, and what may help.
+#[derive(Debug, Clone)]
+pub struct TaskFailure {
+    pub error: StepError,
+    /// Transport errors, lost prompts and unknown outcomes: trying again may work.
+    pub retryable: bool,
+    /// The node ran out of GPU memory: another node with more free VRAM may manage.
+    pub out_of_memory: bool,
+}
+
+impl TaskFailure {
+    /// A failure that trying again will not fix.
+    pub fn permanent(message: impl Into<String>) -> TaskFailure {
+        TaskFailure {
+            error: StepError {
+                message: message.into(),
+                details: None,
+            },
+            retryable: false,
+            out_of_memory: false,
+        }
+    }
+
+    /// A failure that may go away.
+    pub fn transient(message: impl Into<String>) -> TaskFailure {
+        TaskFailure {
+            retryable: true,
+            ..TaskFailure::permanent(message)
+        }
+    }
 }

@@ -1,0 +1,223 @@
+//! Running one task on a node's service: the future a `GpuNode` spawns per task.
+//!
+//! Fresh work is confirmed with the run first (so the placement is durable before anything
+//! is sent), then sent. Resumed work (after a daemon or node-actor restart, or a node that
+//! came back) is first looked up on the service: ComfyUI's queue and history, LangFlow's
+//! stored messages. Only work the service does not know is sent again, once, under the same
+//! id. That is what keeps GPU work from being done twice or lost.
+
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use crate::artifact::{ArtifactKind, ArtifactMeta};
+use crate::comfyui::{self, ComfyClient, ComfyEvent, JobError, JobProgress};
+use crate::config::FlowConfig;
+use crate::langflow::{self, LangflowClient, LangflowError, Recovery};
+use crate::store::{ArtifactFiles, StepError};
+use crate::task::{ConfirmPlacement, RemoteJob, Task, TaskEvent, TaskFailure, TaskUpdate};
+use crate::workflow::{ComfyJob, LangflowJob};
+
+/// What a task needs from its node: the services' clients, and where outputs are stored.
+pub(super) struct Services {
+    pub node: String,
+    pub files: ArtifactFiles,
+    pub comfy: Option<ComfyService>,
+    pub langflow: Option<LangflowService>,
+}
+
+pub(super) struct ComfyService {
+    pub client: ComfyClient,
+    pub client_id: String,
+    /// The node's event socket; subscribed to before anything is posted.
+    pub events: broadcast::Sender<ComfyEvent>,
+}
+
+pub(super) struct LangflowService {
+    pub client: LangflowClient,
+    pub flow: FlowConfig,
+}
+
+/// Runs the task and answers its final event. Progress goes to the task's run on the way.
+pub(super) async fn execute(task: Task, services: Services) -> TaskEvent {
+    if !task.resume {
+        if let Err(error) = confirm_placement(&task, &services.node).await {
+            return TaskEvent::Failed(TaskFailure {
+                error,
+                retryable: true,
+                out_of_memory: false,
+            });
+        }
+    }
+    let outcome = match &task.job {
+        RemoteJob::Comfy(job) => match &services.comfy {
+            Some(comfy) => run_comfy(&task, job, comfy, &services).await,
+            None => Err(TaskFailure::permanent(no_service(
+                &services.node,
+                "comfyui",
+            ))),
+        },
+        RemoteJob::Langflow(job) => match &services.langflow {
+            Some(langflow) => run_langflow(&task, job, langflow, &services).await,
+            None => Err(TaskFailure::permanent(no_service(
+                &services.node,
+                "langflow",
+            ))),
+        },
+    };
+    match outcome {
+        Ok(artifacts) => TaskEvent::Succeeded { artifacts },
+        Err(failure) => TaskEvent::Failed(failure),
+    }
+}
+
+async fn run_comfy(
+    task: &Task,
+    job: &ComfyJob,
+    comfy: &ComfyService,
+    services: &Services,
+) -> Result<Vec<ArtifactMeta>, TaskFailure> {
+    let prompt_id = task.remote_id.as_str();
+    let progress = |event| report_progress(task, &services.node, event);
+    let (client, client_id, files) = (&comfy.client, comfy.client_id.as_str(), &services.files);
+
+    if task.resume {
+        let events = comfy.events.subscribe();
+        let kind = job.output_kind;
+        match comfyui::resume_job(client, prompt_id, kind, events, files, progress).await {
+            Err(JobError::Lost { .. }) => {
+                let message = format!(
+                    "{} does not know prompt {prompt_id} (restarted?); submitting it again",
+                    services.node
+                );
+                warn!(node = %services.node, prompt_id, "prompt unknown to the node; resubmitting");
+                notice(task, &services.node, message);
+            }
+            other => return other.map_err(comfy_failure),
+        }
+    }
+    let events = comfy.events.subscribe();
+    let progress = |event| report_progress(task, &services.node, event);
+    comfyui::run_job(client, job, prompt_id, client_id, events, files, progress)
+        .await
+        .map_err(comfy_failure)
+}
+
+async fn run_langflow(
+    task: &Task,
+    job: &LangflowJob,
+    langflow: &LangflowService,
+    services: &Services,
+) -> Result<Vec<ArtifactMeta>, TaskFailure> {
+    let (client, flow, session_id) = (&langflow.client, &langflow.flow, task.remote_id.as_str());
+    if task.resume {
+        match langflow::recover_job(client, job, flow, session_id).await {
+            Ok(Recovery::Finished(text)) => {
+                info!(node = %services.node, session_id, "flow had finished before the restart");
+                return store_text(task, &services.files, text).await;
+            }
+            Ok(Recovery::NotStarted) => {}
+            Ok(Recovery::Unfinished) => notice(
+                task,
+                &services.node,
+                format!("flow call {session_id} never answered; calling it again"),
+            ),
+            Err(err) => return Err(langflow_failure(err)),
+        }
+    }
+    send(task, &services.node, TaskEvent::Started);
+    let text = langflow::run_job(client, job, flow, session_id, |_token| {})
+        .await
+        .map_err(langflow_failure)?;
+    store_text(task, &services.files, text).await
+}
+
+async fn store_text(
+    task: &Task,
+    files: &ArtifactFiles,
+    text: String,
+) -> Result<Vec<ArtifactMeta>, TaskFailure> {
+    let filename = format!("{}.txt", task.key.step_id);
+    let mime = "text/plain; charset=utf-8";
+    files
+        .put_bytes(
+            text.into_bytes().into(),
+            &filename,
+            ArtifactKind::Text,
+            mime,
+        )
+        .await
+        .map(|meta| vec![meta])
+        .map_err(|err| TaskFailure::transient(err.to_string()))
+}
+
+fn comfy_failure(err: JobError) -> TaskFailure {
+    TaskFailure {
+        retryable: err.is_retryable(),
+        out_of_memory: err.is_out_of_memory(),
+        error: StepError {
+            message: err.to_string(),
+            details: err.details(),
+        },
+    }
+}
+
+fn langflow_failure(err: LangflowError) -> TaskFailure {
+    TaskFailure {
+        retryable: err.is_retryable(),
+        out_of_memory: false,
+        error: StepError {
+            message: err.to_string(),
+            details: None,
+        },
+    }
+}
+
+/// Passes the driver's progress on to the run as task events.
+fn report_progress(task: &Task, node: &str, progress: JobProgress) {
+    let event = match progress {
+        JobProgress::Submitted { .. } => TaskEvent::Submitted,
+        JobProgress::Started => TaskEvent::Started,
+        JobProgress::Progress {
+            value,
+            max,
+            node: detail,
+        } => TaskEvent::Progress { value, max, detail },
+        JobProgress::Preview { mime, bytes, .. } => TaskEvent::Preview { mime, bytes },
+        JobProgress::Warning { message, .. } => TaskEvent::Notice(message),
+        _ => return,
+    };
+    send(task, node, event);
+}
+
+fn notice(task: &Task, node: &str, message: String) {
+    send(task, node, TaskEvent::Notice(message));
+}
+
+fn send(task: &Task, node: &str, event: TaskEvent) {
+    task.updates.do_send(TaskUpdate {
+        key: task.key.clone(),
+        node: node.to_string(),
+        event,
+    });
+}
+
+fn no_service(node: &str, service: &str) -> String {
+    format!("node {node} runs no {service}")
+}
+
+/// Asks the run to record the placement, and waits until it is durable.
+async fn confirm_placement(task: &Task, node: &str) -> Result<(), StepError> {
+    let confirm = ConfirmPlacement {
+        key: task.key.clone(),
+        node: node.to_string(),
+    };
+    let failed = |message: String| StepError {
+        message,
+        details: None,
+    };
+    match task.placement.send(confirm).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => Err(failed(message)),
+        Err(_) => Err(failed("the run stopped before the task started".into())),
+    }
+}
