@@ -49,8 +49,9 @@ impl Cluster {
             let node_config = node.clone();
             let (sched, hub_addr, files) =
                 (scheduler.clone(), hub.clone(), store.artifacts().clone());
-            let addr =
-                Supervisor::start(move |_| GpuNode::new(node_config, sched, hub_addr, files));
+            let addr = Supervisor::start(move |_| {
+                GpuNode::new(node_config, sched, hub_addr, files, grace)
+            });
             scheduler.do_send(RegisterNode {
                 config: node.clone(),
                 addr,

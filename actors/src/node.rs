@@ -120,6 +120,11 @@ pub struct GpuNode {
     reconnects: u32,
     socket_ever_opened: bool,
     reported: Option<Reported>,
+    /// When the node last stopped being available; `None` while it is.
+    away_since: Option<std::time::Instant>,
+    /// How long running tasks wait for the node to come back before they are given up here
+    /// (and placed elsewhere by the scheduler).
+    grace: Duration,
 }
 
 impl GpuNode {
@@ -128,6 +133,7 @@ impl GpuNode {
         scheduler: Addr<Scheduler>,
         hub: Addr<ActivityHub>,
         files: ArtifactFiles,
+        grace: Duration,
     ) -> GpuNode {
         let comfy = config.comfyui.as_ref().map(|service| ComfyState {
             client: ComfyClient::new(service.url.clone()),
@@ -158,6 +164,8 @@ impl GpuNode {
             reconnects: 0,
             socket_ever_opened: false,
             reported: None,
+            away_since: None,
+            grace,
         }
     }
 
@@ -189,6 +197,11 @@ impl GpuNode {
     /// Tells the scheduler (and the activity stream) about availability or load changes.
     fn report(&mut self) {
         let (available, reason) = self.availability();
+        match (available, self.away_since) {
+            (true, _) => self.away_since = None,
+            (false, None) => self.away_since = Some(std::time::Instant::now()),
+            (false, Some(_)) => {}
+        }
         let now = Reported {
             available,
             reason: reason.clone(),
@@ -412,6 +425,34 @@ impl GpuNode {
         self.report();
     }
 
+    /// Gives up the running tasks of a node that has been away longer than the grace period:
+    /// their runs retry them, checking here first should the node return, and the scheduler
+    /// places them elsewhere once it has not.
+    fn release_if_away_too_long(&mut self, ctx: &mut Context<Self>) {
+        let away_too_long = self
+            .away_since
+            .is_some_and(|since| since.elapsed() > self.grace);
+        if !away_too_long || self.running.is_empty() {
+            return;
+        }
+        let keys: Vec<TaskKey> = self.running.keys().cloned().collect();
+        for key in keys {
+            let Some(running) = self.running.remove(&key) else {
+                continue;
+            };
+            ctx.cancel_future(running.handle);
+            warn!(node = %self.config.name, task = %key, "node away past the grace period");
+            let message = format!(
+                "node {} has been unavailable for more than {:?}",
+                self.config.name, self.grace
+            );
+            self.finish(
+                &running.task,
+                TaskEvent::Failed(TaskFailure::transient(message)),
+            );
+        }
+    }
+
     fn abort(&mut self, key: TaskKey, ctx: &mut Context<Self>) {
         let Some(running) = self.running.remove(&key) else {
             return;
@@ -534,5 +575,6 @@ impl Handler<HealthProbed> for GpuNode {
         }
         self.open_socket(ctx);
         self.report();
+        self.release_if_away_too_long(ctx);
     }
 }
