@@ -118,6 +118,7 @@ fn stats_json(shared: &Shared) -> Value {
         "prompts_received": Shared::count(&counters.prompts_received),
         "prompts_finished": Shared::count(&counters.prompts_finished),
         "ws_connections": Shared::count(&counters.ws_connections),
+        "ws_refused": Shared::count(&counters.ws_refused),
         "prompts_by_id": counters.prompts_by_id(),
         "duplicate_prompts": counters.duplicate_prompts(),
         "queue_remaining": state.queue_remaining(),

@@ -416,6 +416,7 @@ async fn websocket(
     stream: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     if data.state().switches.refuse_ws {
+        data.counters.ws_refused.fetch_add(1, Ordering::Relaxed);
         return Ok(HttpResponse::ServiceUnavailable().finish());
     }
     data.counters.ws_connections.fetch_add(1, Ordering::Relaxed);

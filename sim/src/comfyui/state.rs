@@ -148,6 +148,9 @@ impl State {
 pub(crate) struct Counters {
     pub prompts_received: AtomicUsize,
     pub ws_connections: AtomicUsize,
+    /// WebSocket upgrades answered 503 because `refuse_ws` was set: how hard a client
+    /// keeps knocking on a door that stays shut.
+    pub ws_refused: AtomicUsize,
     pub prompts_finished: AtomicUsize,
     /// `POST /prompt` requests per id they name (`prompt_id`, or
     /// `extra_data.multiplex_prompt_id`; a request naming one id in both counts once).
