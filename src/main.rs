@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use multiplex::client::{self, DaemonClient};
 use multiplex::config;
 use multiplex::daemon::{self, DaemonOptions};
+use multiplex::{harness, soak};
+use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
+use multiplex_sim::langflow::{LangflowSim, LangflowSimConfig};
 use tracing_subscriber::EnvFilter;
 use url::Url;
 
@@ -73,6 +76,20 @@ enum Command {
         #[command(subcommand)]
         service: SimService,
     },
+    /// Durability soak: simulators and a daemon as child processes, N runs, K kill -9s of
+    /// the daemon or a simulator at random moments, then a report of what was lost or
+    /// done twice. Exits non-zero when anything was.
+    Soak {
+        /// Workflows to submit (a mix of config/workflows/).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Processes to kill -9 (and restart) while the runs are in flight.
+        #[arg(long, default_value_t = 5)]
+        kills: usize,
+        /// Seed of the kill schedule and workflow mix; a random one when absent.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -90,6 +107,8 @@ enum SimService {
         port: u16,
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        #[command(flatten)]
+        settings: ComfySimArgs,
     },
     /// A LangFlow simulator (the run API of LangFlow 1.x).
     Langflow {
@@ -97,7 +116,69 @@ enum SimService {
         port: u16,
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        /// Delay per generated token of the flows that stand for an LLM.
+        #[arg(long)]
+        token_delay_ms: Option<u64>,
+        /// Require this `x-api-key`.
+        #[arg(long)]
+        api_key: Option<String>,
     },
+}
+
+/// The ComfyUI simulator's settings and test switches; unset ones keep the simulator's
+/// defaults. The switches can also be changed at run time with `POST /sim/control`.
+#[derive(clap::Args)]
+struct ComfySimArgs {
+    /// Time per sampler step and per ordinary node.
+    #[arg(long)]
+    step_ms: Option<u64>,
+    /// Time of the first load of a model file.
+    #[arg(long)]
+    model_load_ms: Option<u64>,
+    /// Size of each binary preview frame (0 = none).
+    #[arg(long)]
+    preview_bytes: Option<usize>,
+    /// Total VRAM in MiB.
+    #[arg(long)]
+    vram_mb: Option<u64>,
+    /// A model file the server has (repeatable); none accepts any model name.
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// Fail the next N prompts with a RuntimeError.
+    #[arg(long)]
+    fail_next: Option<u32>,
+    /// Fail the next N prompts with torch.OutOfMemoryError.
+    #[arg(long)]
+    oom_next: Option<u32>,
+    /// Send no WebSocket frames while set; prompts still run.
+    #[arg(long)]
+    stall: bool,
+    /// For the next N prompts, close the submitter's socket after the first node.
+    #[arg(long)]
+    drop_socket_next: Option<u32>,
+    /// Answer WebSocket upgrades with 503.
+    #[arg(long)]
+    refuse_ws: bool,
+}
+
+impl ComfySimArgs {
+    fn into_config(self) -> ComfySimConfig {
+        let mut config = ComfySimConfig::default();
+        let switches = &mut config.switches;
+        switches.fail_next = self.fail_next.unwrap_or(switches.fail_next);
+        switches.oom_next = self.oom_next.unwrap_or(switches.oom_next);
+        switches.stall |= self.stall;
+        switches.drop_socket_next = self.drop_socket_next.unwrap_or(switches.drop_socket_next);
+        switches.refuse_ws |= self.refuse_ws;
+        config.step_ms = self.step_ms.unwrap_or(config.step_ms);
+        config.model_load_ms = self.model_load_ms.unwrap_or(config.model_load_ms);
+        config.preview_bytes = self.preview_bytes.unwrap_or(config.preview_bytes);
+        config.vram_mb = self.vram_mb.unwrap_or(config.vram_mb);
+        if !self.models.is_empty() {
+            config.models = self.models;
+        }
+        config
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -106,7 +187,7 @@ fn main() -> std::process::ExitCode {
     // readable; the step's own errors are part of what they print.
     let default_level = match cli.command {
         Command::Demo { .. } => "error",
-        Command::Submit { .. } => "warn",
+        Command::Submit { .. } | Command::Soak { .. } => "warn",
         _ => "info",
     };
     init_tracing(default_level);
@@ -143,10 +224,9 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 data_dir,
             })
             .await?;
+            announce(daemon.addr)?;
             tracing::info!(url = %daemon.url(), "ready; press Ctrl-C to stop");
-            tokio::signal::ctrl_c()
-                .await
-                .context("cannot wait for Ctrl-C")?;
+            wait_for_ctrl_c().await?;
             daemon.stop().await;
         }
         Command::Demo { data_dir, workflow } => return demo(data_dir, workflow).await,
@@ -181,18 +261,76 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             let daemon = DaemonClient::new(server.url);
             client::print_nodes_table(&daemon.nodes().await?);
         }
-        Command::Sim { service } => match service {
-            SimService::Comfyui { port, host } => {
-                let addr = SocketAddr::new(host, port);
-                multiplex_sim::serve_comfyui_forever(Default::default(), addr).await?;
+        Command::Sim { service } => run_sim(service).await?,
+        Command::Soak { runs, kills, seed } => {
+            let options = soak::SoakOptions {
+                runs,
+                kills,
+                seed,
+                ..soak::SoakOptions::default()
+            };
+            let report = soak::run(options).await?;
+            let _ = writeln!(std::io::stdout(), "{report}");
+            if !report.clean() {
+                return Ok(std::process::ExitCode::FAILURE);
             }
-            SimService::Langflow { port, host } => {
-                let addr = SocketAddr::new(host, port);
-                multiplex_sim::serve_langflow_forever(Default::default(), addr).await?;
-            }
-        },
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Runs a simulator until Ctrl-C. The `multiplex_sim::serve_*_forever` entry points do not
+/// say which port they bound, so this starts the stoppable servers, which do.
+async fn run_sim(service: SimService) -> anyhow::Result<()> {
+    match service {
+        SimService::Comfyui {
+            port,
+            host,
+            settings,
+        } => {
+            let addr = SocketAddr::new(host, port);
+            let sim = ComfySim::start(settings.into_config(), addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            announce(sim.addr())?;
+            wait_for_ctrl_c().await?;
+            sim.stop().await;
+        }
+        SimService::Langflow {
+            port,
+            host,
+            token_delay_ms,
+            api_key,
+        } => {
+            let addr = SocketAddr::new(host, port);
+            let mut config = LangflowSimConfig::default();
+            config.token_delay_ms = token_delay_ms.unwrap_or(config.token_delay_ms);
+            config.api_key = api_key;
+            let sim = LangflowSim::start(config, addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            announce(sim.addr())?;
+            wait_for_ctrl_c().await?;
+            sim.stop().await;
+        }
+    }
+    Ok(())
+}
+
+/// The readiness line: a parent that started us with port 0 reads the address from it
+/// (see [`multiplex::harness`]). Printed only once the socket is bound, then flushed,
+/// because stdout is a pipe there and would otherwise hold the line back.
+fn announce(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}{}", harness::READY_PREFIX, harness::base_url(addr))
+        .and_then(|()| out.flush())
+        .context("cannot write the readiness line to stdout")
+}
+
+async fn wait_for_ctrl_c() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")
 }
 
 /// Exit 0 only when the run succeeded, so scripts can rely on `submit --wait`.
