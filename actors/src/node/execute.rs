@@ -4,7 +4,8 @@
 //! is sent), then sent. Resumed work (after a daemon or node-actor restart, or a node that
 //! came back) is first looked up on the service: ComfyUI's queue and history, LangFlow's
 //! stored messages. Only work the service does not know is sent again, once, under the same
-//! id. That is what keeps GPU work from being done twice or lost.
+//! id. Fresh work that the node forgets while it runs (a ComfyUI restart) is sent again the
+//! same way. That is what keeps GPU work from being done twice or lost.
 
 use tokio::sync::broadcast;
 use tracing::{info, warn};
@@ -80,26 +81,40 @@ async fn run_comfy(
     let progress = |event| report_progress(task, &services.node, event);
     let (client, client_id, files) = (&comfy.client, comfy.client_id.as_str(), &services.files);
 
+    // A prompt the node forgot (it restarted) is sent again under the same id, once per
+    // execution: what the node lost is not a failed attempt of the step. Forgotten a second
+    // time, it fails as retryable and the step's retry policy decides.
+    let mut may_resend = true;
     if task.resume {
         let events = comfy.events.subscribe();
         let kind = job.output_kind;
         match comfyui::resume_job(client, prompt_id, kind, events, files, progress).await {
             Err(JobError::Lost { .. }) => {
-                let message = format!(
-                    "{} does not know prompt {prompt_id} (restarted?); submitting it again",
-                    services.node
-                );
-                warn!(node = %services.node, prompt_id, "prompt unknown to the node; resubmitting");
-                notice(task, &services.node, message);
+                resending(task, &services.node, prompt_id);
+                may_resend = false;
             }
             other => return other.map_err(comfy_failure),
         }
     }
-    let events = comfy.events.subscribe();
-    let progress = |event| report_progress(task, &services.node, event);
-    comfyui::run_job(client, job, prompt_id, client_id, events, files, progress)
-        .await
-        .map_err(comfy_failure)
+    loop {
+        let events = comfy.events.subscribe();
+        let progress = |event| report_progress(task, &services.node, event);
+        match comfyui::run_job(client, job, prompt_id, client_id, events, files, progress).await {
+            Err(JobError::Lost { .. }) if may_resend => {
+                resending(task, &services.node, prompt_id);
+                may_resend = false;
+            }
+            other => return other.map_err(comfy_failure),
+        }
+    }
+}
+
+/// Says that a prompt unknown to its node is about to be sent again.
+fn resending(task: &Task, node: &str, prompt_id: &str) {
+    warn!(node = %node, prompt_id, "prompt unknown to the node; resubmitting");
+    let message =
+        format!("{node} does not know prompt {prompt_id} (restarted?); submitting it again");
+    notice(task, node, message);
 }
 
 async fn run_langflow(
