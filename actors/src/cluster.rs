@@ -10,9 +10,10 @@ use tracing::{info, warn};
 
 use crate::activity::ActivityHub;
 use crate::config::ClusterConfig;
+use crate::lease::{LeaseBook, LeaseCandidate, LeaseError, LeaseRequest, LeaseView};
 use crate::node::GpuNode;
 use crate::run::{CancelWorkflow, RunRegistry, RunServices, Snapshot, WorkflowRun};
-use crate::scheduler::{ListNodes, NodeView, RegisterNode, Scheduler};
+use crate::scheduler::{LeasesChanged, ListNodes, NodeView, RegisterNode, Scheduler};
 use crate::store::{RunRecord, RunState, Store, StoreError};
 use crate::workflow::{plan_workflow, Catalog, TemplateLibrary, ValidationIssue};
 
@@ -29,6 +30,8 @@ pub enum ClusterError {
     Store(#[from] StoreError),
     #[error("the {0} actor is not running")]
     ActorGone(&'static str),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// Handle to the running cluster; cheap to clone.
@@ -36,6 +39,7 @@ pub enum ClusterError {
 pub struct Cluster {
     services: RunServices,
     config: Arc<ClusterConfig>,
+    leases: LeaseBook,
 }
 
 impl Cluster {
@@ -44,7 +48,9 @@ impl Cluster {
     pub fn start(config: ClusterConfig, templates: TemplateLibrary, store: Store) -> Cluster {
         let hub = Supervisor::start(|_| ActivityHub::default());
         let grace = std::time::Duration::from_millis(config.node_grace_ms);
-        let scheduler = Supervisor::start(move |_| Scheduler::new(grace));
+        let leases = LeaseBook::default();
+        let book = leases.clone();
+        let scheduler = Supervisor::start(move |_| Scheduler::with_leases(grace, book));
         for node in &config.nodes {
             let node_config = node.clone();
             let (sched, hub_addr, files) =
@@ -68,6 +74,7 @@ impl Cluster {
         Cluster {
             services,
             config: Arc::new(config),
+            leases,
         }
     }
 
@@ -91,13 +98,29 @@ impl Cluster {
     /// record is what was stored: answering only after the write is what makes an
     /// acknowledged run survive a crash.
     pub async fn submit(&self, document: serde_json::Value) -> Result<RunRecord, ClusterError> {
+        self.submit_leased(document, None).await
+    }
+
+    /// [`Cluster::submit`] under a lease: every step runs only on the lease's nodes. The
+    /// lease must be live when the run is submitted.
+    pub async fn submit_leased(
+        &self,
+        document: serde_json::Value,
+        lease: Option<&str>,
+    ) -> Result<RunRecord, ClusterError> {
+        if let Some(id) = lease {
+            if self.leases.get(id).is_none() {
+                return Err(LeaseError::NotFound(id.to_string()).into());
+            }
+        }
         let plan =
             plan_workflow(&document, &self.services.catalog).map_err(ClusterError::Invalid)?;
         let id = uuid::Uuid::now_v7().to_string();
         let record = WorkflowRun::new_record(id, &plan, document);
         self.services.store.save_run(&record).await?;
         info!(run_id = %record.id, name = %record.name, steps = record.steps.len(), "run accepted");
-        WorkflowRun::start(record.clone(), plan, self.services.clone());
+        let lease = lease.map(str::to_string);
+        WorkflowRun::start_leased(record.clone(), plan, self.services.clone(), lease);
         Ok(record)
     }
 
@@ -147,6 +170,39 @@ impl Cluster {
             .send(ListNodes)
             .await
             .map_err(|_| ClusterError::ActorGone("scheduler"))
+    }
+
+    /// Reserves nodes that fit the request, among those available now.
+    pub async fn allocate_lease(&self, request: &LeaseRequest) -> Result<LeaseView, ClusterError> {
+        let views = self.nodes().await?;
+        let candidates: Vec<LeaseCandidate> = self
+            .config
+            .nodes
+            .iter()
+            .map(|config| LeaseCandidate {
+                config: config.clone(),
+                available: views
+                    .iter()
+                    .any(|view| view.name == config.name && view.available),
+            })
+            .collect();
+        let lease = self.leases.allocate(request, &candidates)?;
+        info!(lease = %lease.id, nodes = ?lease.nodes, expires_at = %lease.expires_at,
+            "lease granted");
+        Ok(lease)
+    }
+
+    /// Ends a lease; tasks waiting for its nodes are placed.
+    pub fn release_lease(&self, id: &str) -> Result<LeaseView, ClusterError> {
+        let lease = self.leases.release(id)?;
+        info!(lease = %lease.id, "lease released");
+        self.services.scheduler.do_send(LeasesChanged);
+        Ok(lease)
+    }
+
+    /// Every live lease.
+    pub fn leases(&self) -> Vec<LeaseView> {
+        self.leases.list()
     }
 
     /// How many runs are live.

@@ -13,6 +13,7 @@
 //! - [`store`]: the sled store for runs and steps, and the content-addressed artifact files.
 //! - [`config`]: the cluster description the daemon is started with.
 //! - [`cluster`]: the handle that starts all of the above and answers the daemon's API.
+//! - [`lease`]: nodes reserved for one client for a while, honoured by the scheduler.
 //! - [`task`]: the messages that carry one step's work between run, scheduler and node.
 
 pub mod activity;
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod comfyui;
 pub mod config;
 pub mod langflow;
+pub mod lease;
 pub mod node;
 pub mod run;
 pub mod scheduler;

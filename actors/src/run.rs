@@ -128,18 +128,31 @@ pub struct WorkflowRun {
     oom_retried: std::collections::HashSet<String>,
     /// Set for a run read back from the store: its steps in flight are resumed on start.
     resuming: bool,
+    /// The lease the run was submitted under, copied onto every task. Leases are not
+    /// stored, so a resumed run has none.
+    lease: Option<String>,
 }
 
 impl WorkflowRun {
     /// Starts a run whose record is already in the store, under supervision.
     pub fn start(record: RunRecord, plan: Plan, services: RunServices) -> Addr<WorkflowRun> {
-        Self::spawn(record, plan, services, false)
+        Self::spawn(record, plan, services, false, None)
+    }
+
+    /// Like [`WorkflowRun::start`], with every step restricted to the lease's nodes.
+    pub fn start_leased(
+        record: RunRecord,
+        plan: Plan,
+        services: RunServices,
+        lease: Option<String>,
+    ) -> Addr<WorkflowRun> {
+        Self::spawn(record, plan, services, false, lease)
     }
 
     /// Starts a run found unfinished in the store after a restart: work that was in flight
     /// is looked up on its node rather than sent again.
     pub fn resume(record: RunRecord, plan: Plan, services: RunServices) -> Addr<WorkflowRun> {
-        Self::spawn(record, plan, services, true)
+        Self::spawn(record, plan, services, true, None)
     }
 
     fn spawn(
@@ -147,6 +160,7 @@ impl WorkflowRun {
         plan: Plan,
         services: RunServices,
         resuming: bool,
+        lease: Option<String>,
     ) -> Addr<WorkflowRun> {
         let id = record.id.clone();
         let registry = services.registry.clone();
@@ -158,6 +172,7 @@ impl WorkflowRun {
             pending_jobs: HashMap::new(),
             oom_retried: Default::default(),
             resuming,
+            lease,
         });
         registry.insert(id, addr.clone());
         addr
@@ -411,7 +426,8 @@ impl WorkflowRun {
             step_id: step_id.to_string(),
             attempt: step.attempts,
         };
-        let task = Self::task(addr, key, requirement, job.clone(), remote_id);
+        let mut task = Self::task(addr, key, requirement, job.clone(), remote_id);
+        task.lease = self.lease.clone();
         let task = Task {
             resume: true,
             pinned_node: Some(node),
@@ -438,6 +454,7 @@ impl WorkflowRun {
             pinned_node: None,
             avoid_nodes: Vec::new(),
             more_vram_than: None,
+            lease: None,
         }
     }
 
@@ -482,7 +499,8 @@ impl WorkflowRun {
         let step = step.clone();
         self.publish_step(&step);
 
-        let task = Self::task(ctx.address(), key, requirement, job, remote_id);
+        let mut task = Self::task(ctx.address(), key, requirement, job, remote_id);
+        task.lease = self.lease.clone();
         let task = Task {
             avoid_nodes: options.avoid_nodes,
             more_vram_than: options.more_vram_than,

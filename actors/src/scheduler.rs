@@ -11,6 +11,11 @@
 //! placed anywhere as new work. A retry after out-of-memory avoids the node that failed and
 //! wants one with more free VRAM; a task no node could ever take fails at once rather than
 //! waiting forever.
+//!
+//! Leases ([`crate::lease`]) add one more filter, asked of the shared [`LeaseBook`] when a
+//! task is placed: a leased node takes only its lease's tasks, and a task under a lease goes
+//! only to its lease's nodes. Expired leases are swept on the grace timer, and
+//! [`LeasesChanged`] places what waited for a released node.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -20,6 +25,7 @@ use serde::Serialize;
 use tracing::{debug, info};
 
 use crate::config::NodeConfig;
+use crate::lease::LeaseBook;
 use crate::node::{AbortTask, GpuNode, RunTask};
 use crate::task::{Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
 
@@ -63,6 +69,11 @@ pub struct Enqueue(pub Task);
 pub struct CancelRun {
     pub run_id: String,
 }
+
+/// Leases were released: tasks waiting for those nodes may be placed now.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeasesChanged;
 
 /// The scheduler's view of every node.
 #[derive(Message)]
@@ -163,15 +174,28 @@ pub struct Scheduler {
     queue: VecDeque<Waiting>,
     /// How long a node may be away before work pinned to it is placed elsewhere.
     node_grace: Duration,
+    /// Nodes reserved for one client; shared with the cluster handle that grants them.
+    leases: LeaseBook,
 }
 
 impl Scheduler {
     pub fn new(node_grace: Duration) -> Scheduler {
+        Scheduler::with_leases(node_grace, LeaseBook::default())
+    }
+
+    /// A scheduler that honours the leases of `leases`.
+    pub fn with_leases(node_grace: Duration, leases: LeaseBook) -> Scheduler {
         Scheduler {
             nodes: Vec::new(),
             queue: VecDeque::new(),
             node_grace,
+            leases,
         }
+    }
+
+    /// The lease hook: whether leases let this task onto this node now.
+    fn lease_admits(&self, task: &Task, node: &NodeEntry) -> bool {
+        self.leases.admits(task.lease.as_deref(), &node.config.name)
     }
 
     /// Places as many queued tasks as free slots allow, in arrival order; a task no node can
@@ -194,6 +218,7 @@ impl Scheduler {
             .enumerate()
             .filter(|(_, node)| node.available && node.free_slots > 0)
             .filter(|(_, node)| self.allowed(task, node))
+            .filter(|(_, node)| self.lease_admits(task, node))
             .filter(|(_, node)| self.has_more_vram(task, node))
             .max_by_key(|(index, node)| {
                 (
@@ -300,7 +325,12 @@ impl Actor for Scheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(GRACE_CHECK_INTERVAL, |act, _ctx| act.apply_grace());
+        ctx.run_interval(GRACE_CHECK_INTERVAL, |act, _ctx| {
+            act.apply_grace();
+            if act.leases.expire_due() {
+                act.dispatch();
+            }
+        });
     }
 }
 
@@ -364,7 +394,11 @@ impl Handler<Enqueue> for Scheduler {
 
     fn handle(&mut self, Enqueue(task): Enqueue, _ctx: &mut Self::Context) {
         debug!(task = %task.key, capability = %task.requirement.capability, "task queued");
-        let possible = self.nodes.iter().any(|node| self.allowed(&task, node));
+        // A leased task must fit one of its lease's nodes; an unleased one may wait for a
+        // leased node to be freed.
+        let possible = self.nodes.iter().any(|node| {
+            self.allowed(&task, node) && (task.lease.is_none() || self.lease_admits(&task, node))
+        });
         if !possible && task.pinned_node.is_none() {
             let message = if task.avoid_nodes.is_empty() {
                 "no configured node can run this step".to_string()
@@ -421,6 +455,14 @@ impl Handler<CancelRun> for Scheduler {
                 node.addr.do_send(AbortTask(key.clone()));
             }
         }
+    }
+}
+
+impl Handler<LeasesChanged> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, _msg: LeasesChanged, _ctx: &mut Self::Context) {
+        self.dispatch();
     }
 }
 

@@ -51,6 +51,9 @@ pub struct Task {
     pub avoid_nodes: Vec<String>,
     /// Only nodes with more free VRAM than this node had: the retry after out-of-memory.
     pub more_vram_than: Option<String>,
+    /// The lease the run was submitted under: the task runs only on its nodes while it
+    /// lives (see [`crate::lease`]).
+    pub lease: Option<String>,
 }
 
 impl std::fmt::Debug for Task {

@@ -6,6 +6,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{error::JsonPayloadError, web, HttpResponse, ResponseError};
 use multiplex_actors::cluster::ClusterError;
+use multiplex_actors::lease::LeaseError;
 use multiplex_actors::workflow::ValidationIssue;
 use serde_json::json;
 use tracing::error;
@@ -76,6 +77,11 @@ impl From<ClusterError> for ApiError {
             ClusterError::Invalid(issues) => ApiError::Invalid(issues),
             ClusterError::NotFound(_) => ApiError::NotFound(err.to_string()),
             ClusterError::AlreadyEnded { .. } => ApiError::Conflict(err.to_string()),
+            ClusterError::Lease(LeaseError::NotFound(_)) => ApiError::NotFound(err.to_string()),
+            ClusterError::Lease(LeaseError::Invalid(_)) => ApiError::BadRequest(err.to_string()),
+            ClusterError::Lease(LeaseError::NotEnoughNodes { .. }) => {
+                ApiError::Conflict(err.to_string())
+            }
             ClusterError::Store(_) | ClusterError::ActorGone(_) => {
                 error!(error = %err, "request failed inside the daemon");
                 ApiError::Internal(err.to_string())
