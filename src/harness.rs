@@ -547,6 +547,12 @@ impl Harness {
         text
     }
 
+    /// Leaves the temporary folder (logs, config, data) in place when the harness goes, for
+    /// a post-mortem.
+    pub fn keep_files(&mut self) {
+        self.dir.disable_cleanup(true);
+    }
+
     /// Where the logs and data are, for messages.
     pub fn dir(&self) -> &Path {
         self.dir.path()

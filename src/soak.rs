@@ -9,8 +9,11 @@
 //!
 //! - runs that succeeded, failed, or never ended;
 //! - runs lost: unknown to the daemon after a restart, though their submission was answered;
-//! - prompts duplicated: a ComfyUI simulator asked twice to run the same prompt id, or a
-//!   LangFlow simulator asked twice to run the same session.
+//! - prompts duplicated: a ComfyUI simulator asked twice to run the same prompt id;
+//! - flow calls repeated: a LangFlow simulator asked twice to run the same session. LangFlow
+//!   has no way to reattach to a call, and forgets a streamed answer whose client went away,
+//!   so a call the daemon died during is made again (docs/durability.md). These are
+//!   reported, not counted as a failure of the soak.
 //!
 //! A simulator's counters live in its process, so they are read just before it is killed
 //! and added up; prompts posted in the instant between that read and the kill are missing
@@ -84,12 +87,10 @@ pub struct SoakReport {
 }
 
 impl SoakReport {
-    /// Nothing lost, nothing done twice, nothing left hanging.
+    /// Nothing lost, no prompt run twice, nothing left hanging. Repeated LangFlow calls are
+    /// the documented at-least-once case and do not count (see the module docs).
     pub fn clean(&self) -> bool {
-        self.lost == 0
-            && self.unfinished == 0
-            && self.duplicate_prompts.is_empty()
-            && self.duplicate_sessions.is_empty()
+        self.lost == 0 && self.unfinished == 0 && self.duplicate_prompts.is_empty()
     }
 }
 
@@ -111,18 +112,17 @@ impl fmt::Display for SoakReport {
         writeln!(f, "  prompts duplicated:  {}", self.duplicate_prompts.len())?;
         write!(
             f,
-            "  sessions duplicated: {}",
+            "  flow calls repeated: {}",
             self.duplicate_sessions.len()
         )?;
         for failure in &self.failures {
             write!(f, "\n  failed: {failure}")?;
         }
-        for id in self
-            .duplicate_prompts
-            .iter()
-            .chain(&self.duplicate_sessions)
-        {
-            write!(f, "\n  duplicated: {id}")?;
+        for id in &self.duplicate_prompts {
+            write!(f, "\n  prompt duplicated: {id}")?;
+        }
+        for id in &self.duplicate_sessions {
+            write!(f, "\n  flow call repeated: {id}")?;
         }
         Ok(())
     }
@@ -225,7 +225,9 @@ pub async fn run(options: SoakOptions) -> anyhow::Result<SoakReport> {
     report.duplicate_sessions = stats.duplicate_sessions;
     report.elapsed = started.elapsed();
     if !report.clean() {
+        harness.keep_files();
         eprintln!("logs of the soak's processes:\n{}", harness.logs());
+        eprintln!("logs, config and data kept in {}", harness.dir().display());
     }
     Ok(report)
 }
