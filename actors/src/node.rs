@@ -448,7 +448,7 @@ impl GpuNode {
             );
             self.finish(
                 &running.task,
-                TaskEvent::Failed(TaskFailure::transient(message)),
+                TaskEvent::Failed(TaskFailure::node_lost(message)),
             );
         }
     }

@@ -126,6 +126,8 @@ pub struct WorkflowRun {
     pending_jobs: HashMap<String, RemoteJob>,
     /// Steps whose out-of-memory retry on another node has been used.
     oom_retried: std::collections::HashSet<String>,
+    /// Failed attempts per step that count against its retry policy.
+    charged_attempts: HashMap<String, u32>,
     /// Set for a run read back from the store: its steps in flight are resumed on start.
     resuming: bool,
     /// The lease the run was submitted under, copied onto every task. Leases are not
@@ -171,6 +173,7 @@ impl WorkflowRun {
             services,
             pending_jobs: HashMap::new(),
             oom_retried: Default::default(),
+            charged_attempts: HashMap::new(),
             resuming,
             lease,
         });
@@ -702,10 +705,35 @@ impl WorkflowRun {
             return;
         };
         let policy = planned.retry();
-        let attempts = self.record.step(step_id).map_or(0, |step| step.attempts);
         let message = &failure.error.message;
+        // Failed attempts that count against the policy: moves off a lost node do not.
+        let attempts = if failure.retryable && !failure.node_lost {
+            let charged = self
+                .charged_attempts
+                .entry(step_id.to_string())
+                .or_default();
+            *charged += 1;
+            *charged
+        } else {
+            self.charged_attempts.get(step_id).copied().unwrap_or(0)
+        };
 
-        if failure.out_of_memory && !node.is_empty() && self.oom_retried.insert(step_id.into()) {
+        if failure.node_lost {
+            // Not the step's fault: place it again at once, checking the old node first in
+            // case it is back; the scheduler moves it on if that node stays away.
+            self.notice(step_id, format!("{message}; placing the step again"));
+            let options = AttemptOptions {
+                check_first_on: (!node.is_empty()).then(|| node.to_string()),
+                ..AttemptOptions::default()
+            };
+            self.charged_attempts
+                .entry(step_id.to_string())
+                .or_default();
+            self.dispatch(step_id, options, ctx);
+        } else if failure.out_of_memory
+            && !node.is_empty()
+            && self.oom_retried.insert(step_id.into())
+        {
             self.notice(
                 step_id,
                 format!("out of memory on {node}; retrying on a node with more free VRAM"),
@@ -726,13 +754,18 @@ impl WorkflowRun {
                 ),
             );
             let step_id = step_id.to_string();
+            // The failed attempt's work may still exist on its node: check there first.
+            let options = AttemptOptions {
+                check_first_on: (!node.is_empty()).then(|| node.to_string()),
+                ..AttemptOptions::default()
+            };
             ctx.run_later(delay, move |act, ctx| {
                 let still_wanted = act
                     .record
                     .step(&step_id)
                     .is_some_and(|s| !s.state.is_terminal());
                 if still_wanted && !act.record.state.is_terminal() {
-                    act.dispatch(&step_id, AttemptOptions::default(), ctx);
+                    act.dispatch(&step_id, options, ctx);
                 }
             });
         } else {

@@ -114,6 +114,9 @@ pub struct TaskFailure {
     pub retryable: bool,
     /// The node ran out of GPU memory: another node with more free VRAM may manage.
     pub out_of_memory: bool,
+    /// The node went away and did not come back in time: the work moves elsewhere, which
+    /// is not a failed attempt of the step.
+    pub node_lost: bool,
 }
 
 impl TaskFailure {
@@ -126,6 +129,7 @@ impl TaskFailure {
             },
             retryable: false,
             out_of_memory: false,
+            node_lost: false,
         }
     }
 
@@ -134,6 +138,14 @@ impl TaskFailure {
         TaskFailure {
             retryable: true,
             ..TaskFailure::permanent(message)
+        }
+    }
+
+    /// The node is gone for longer than the grace period.
+    pub fn node_lost(message: impl Into<String>) -> TaskFailure {
+        TaskFailure {
+            node_lost: true,
+            ..TaskFailure::transient(message)
         }
     }
 }

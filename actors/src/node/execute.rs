@@ -46,6 +46,7 @@ pub(super) async fn execute(task: Task, services: Services) -> TaskEvent {
                 error,
                 retryable: true,
                 out_of_memory: false,
+                node_lost: false,
             });
         }
     }
@@ -169,6 +170,7 @@ fn comfy_failure(err: JobError) -> TaskFailure {
     TaskFailure {
         retryable: err.is_retryable(),
         out_of_memory: err.is_out_of_memory(),
+        node_lost: false,
         error: StepError {
             message: err.to_string(),
             details: err.details(),
@@ -180,6 +182,7 @@ fn langflow_failure(err: LangflowError) -> TaskFailure {
     TaskFailure {
         retryable: err.is_retryable(),
         out_of_memory: false,
+        node_lost: false,
         error: StepError {
             message: err.to_string(),
             details: None,
