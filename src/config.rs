@@ -62,6 +62,13 @@ pub struct DaemonSection {
     pub max_body_bytes: Option<usize>,
     /// How long a node may be away before its work is placed elsewhere (milliseconds).
     pub node_grace_ms: Option<u64>,
+    /// Browser origins allowed to call /mcp besides loopback ones, e.g.
+    /// `"https://app.example.com"` (see docs/mcp.md).
+    #[serde(default)]
+    pub mcp_allowed_origins: Vec<String>,
+    /// Host names /mcp answers under besides loopback ones (DNS-rebinding defence).
+    #[serde(default)]
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,8 +12,9 @@
 //! | GET  | /api/health                    | liveness and a summary of the cluster              |
 //! | GET  | /api/artifacts/{id}            | an artifact's content (Content-Type, Range)        |
 //! | GET  | /ws                            | WebSocket: live activity, submit and cancel        |
+//! | POST, GET, DELETE | /mcp          | MCP Streamable HTTP (see [`crate::mcp`])           |
 //!
-//! docs/api.md documents bodies and WebSocket messages.
+//! docs/api.md documents bodies and WebSocket messages; docs/mcp.md the MCP server.
 
 mod api;
 mod error;
@@ -24,6 +25,7 @@ use std::net::SocketAddr;
 use actix_web::{web, App, HttpServer};
 use multiplex_actors::cluster::Cluster;
 
+pub use api::run_view;
 pub use error::ApiError;
 
 use crate::config::DaemonSection;
@@ -35,16 +37,21 @@ pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 /// How long a stopping daemon lets requests in flight finish.
 const SHUTDOWN_GRACE_SECS: u64 = 2;
 
-/// Request limits.
-#[derive(Debug, Clone, Copy)]
+/// Request limits, and what /mcp accepts besides loopback.
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub mcp: crate::mcp::McpSettings,
 }
 
 impl Limits {
     pub fn from_config(daemon: &DaemonSection) -> Limits {
         Limits {
             max_body_bytes: daemon.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+            mcp: crate::mcp::McpSettings {
+                allowed_origins: daemon.mcp_allowed_origins.clone(),
+                allowed_hosts: daemon.mcp_allowed_hosts.clone(),
+            },
         }
     }
 }
@@ -55,23 +62,31 @@ pub fn serve(
     bind: &str,
     limits: Limits,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
+    // Bind first: MCP answers carry absolute artifact links to this address.
+    let listener = std::net::TcpListener::bind(bind)?;
+    let addr = listener.local_addr()?;
+    let shared = crate::mcp::McpShared::new(cluster.clone(), format!("http://{addr}"));
+    let mcp = crate::mcp::http_service(shared, &limits.mcp);
     let cluster = web::Data::new(cluster);
+    let max_body_bytes = limits.max_body_bytes;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(cluster.clone())
-            .app_data(error::json_config(limits.max_body_bytes))
-            .app_data(web::PayloadConfig::new(limits.max_body_bytes))
+            .app_data(error::json_config(max_body_bytes))
+            .app_data(web::PayloadConfig::new(max_body_bytes))
             .wrap(tracing_actix_web::TracingLogger::default())
             .configure(api::routes)
             .route("/ws", web::get().to(ws::connect))
+            .service(
+                mcp.clone()
+                    .scope_with_path(crate::mcp::PATH)
+                    .wrap(actix_web::middleware::from_fn(crate::mcp::accept_shim)),
+            )
     })
     .workers(2)
     // WebSocket sessions never end by themselves: on shutdown, give requests in flight a
     // moment, not actix's default 30 seconds.
     .shutdown_timeout(SHUTDOWN_GRACE_SECS)
-    .bind(bind)?;
-    let addr = server.addrs().first().copied().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "bound to no address")
-    })?;
+    .listen(listener)?;
     Ok((server.run(), addr))
 }

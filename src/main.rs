@@ -71,6 +71,12 @@ enum Command {
         #[command(flatten)]
         server: Server,
     },
+    /// Serve MCP over stdio, relayed to a running daemon's /mcp (for MCP clients that
+    /// spawn their servers; see docs/mcp.md).
+    Mcp {
+        #[command(flatten)]
+        server: Server,
+    },
     /// Run a protocol-faithful simulator of a service, for tests and demos without GPUs.
     Sim {
         #[command(subcommand)]
@@ -187,6 +193,8 @@ fn main() -> std::process::ExitCode {
     // readable; the step's own errors are part of what they print.
     let default_level = match cli.command {
         Command::Demo { .. } => "error",
+        // stdout carries the protocol; keep stderr for what goes wrong.
+        Command::Mcp { .. } => "warn",
         Command::Submit { .. } | Command::Soak { .. } => "warn",
         _ => "info",
     };
@@ -253,6 +261,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 None => client::print_runs_table(&daemon.runs(50).await?),
             }
         }
+        Command::Mcp { server } => multiplex::mcp::relay::run(&server.url).await?,
         Command::Cancel { run, server } => {
             let daemon = DaemonClient::new(server.url);
             client::print_run_table(&daemon.cancel(&run).await?);

@@ -184,7 +184,7 @@ impl LeaseBook {
             .filter(|lease| lease.live(now))
             .map(|lease| lease.view.clone())
             .collect();
-        views.sort_by(|a, b| a.expires_at.cmp(&b.expires_at));
+        views.sort_by_key(|view| view.expires_at);
         views
     }
 
