@@ -61,6 +61,11 @@ pub enum DaemonError {
     )]
     Unreachable { base: Url, cause: String },
 
+    /// The connection broke or timed out during a request: reset by a restarting daemon,
+    /// closed before the answer was complete, or no answer within the request timeout.
+    #[error("the connection to the multiplex daemon broke during {request}: {cause}")]
+    Interrupted { request: String, cause: String },
+
     /// The daemon answered with an error status and (usually) its JSON error body.
     #[error("{}", ApiErrorDisplay(self))]
     Api {
@@ -91,7 +96,7 @@ impl DaemonError {
     /// front of it timed out. Used by [`follow_run`] to tell a blip from a real refusal.
     pub fn is_transient(&self) -> bool {
         match self {
-            DaemonError::Unreachable { .. } => true,
+            DaemonError::Unreachable { .. } | DaemonError::Interrupted { .. } => true,
             DaemonError::Api { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
@@ -325,12 +330,12 @@ impl DaemonClient {
         let response = builder
             .send()
             .await
-            .map_err(|err| self.transport_error(err))?;
+            .map_err(|err| self.transport_error(&request, err))?;
         let status = response.status();
         let bytes = response
             .bytes()
             .await
-            .map_err(|err| self.transport_error(err))?;
+            .map_err(|err| self.transport_error(&request, err))?;
         tracing::debug!(%url, status = status.as_u16(), len = bytes.len(), "daemon answer");
 
         if !status.is_success() {
@@ -342,13 +347,23 @@ impl DaemonClient {
         serde_json::from_slice(&bytes).with_context(|| format!("{request} answered invalid JSON"))
     }
 
-    /// Classifies a transport failure: no answer at all means the daemon is not there.
-    fn transport_error(&self, err: reqwest::Error) -> anyhow::Error {
+    /// Classifies a transport failure: no connection at all means the daemon is not there;
+    /// a connection that broke or stalled mid-request (a reused pooled connection reset by a
+    /// daemon that restarted, an answer cut short) is just as transient. Only errors that
+    /// retrying cannot fix (a malformed request, a redirect loop) stay fatal.
+    fn transport_error(&self, request: &str, err: reqwest::Error) -> anyhow::Error {
         if err.is_connect() {
             let cause = root_cause(&err);
             return DaemonError::Unreachable {
                 base: self.base.clone(),
                 cause,
+            }
+            .into();
+        }
+        if err.is_timeout() || err.is_request() || err.is_body() || err.is_decode() {
+            return DaemonError::Interrupted {
+                request: request.to_owned(),
+                cause: root_cause(&err),
             }
             .into();
         }

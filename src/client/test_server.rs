@@ -31,6 +31,9 @@ pub enum Action {
 pub struct State {
     /// Run views answered in turn by `GET /api/workflows/{id}`; empty means 404.
     pub runs: VecDeque<Value>,
+    /// How many of the next `GET /api/workflows/{id}` are cut off mid-answer (the status
+    /// line goes out, then the connection drops), like a daemon killed while answering.
+    pub cut_runs: usize,
     /// One script per WebSocket connection, in order; none left means `/ws` answers 404.
     pub sockets: VecDeque<Vec<Action>>,
     /// Status and body answered by `POST /api/workflows`.
@@ -118,6 +121,14 @@ async fn nodes(state: web::Data<Mutex<State>>, req: HttpRequest) -> HttpResponse
 async fn run(state: web::Data<Mutex<State>>, req: HttpRequest) -> HttpResponse {
     record(&state, &req);
     let mut state = lock(&state);
+    if state.cut_runs > 0 {
+        state.cut_runs -= 1;
+        // A body stream that fails makes actix-web abandon the response and close the
+        // connection, so the client sees its answer broken off part way.
+        let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut by the test");
+        let body = futures_util::stream::once(async move { Err::<web::Bytes, _>(cut) });
+        return HttpResponse::Ok().streaming(body);
+    }
     let view = if state.runs.len() > 1 {
         state.runs.pop_front()
     } else {

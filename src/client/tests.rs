@@ -209,6 +209,36 @@ async fn follow_polls_rest_when_the_socket_is_unavailable() {
 }
 
 #[actix_web::test]
+async fn follow_rides_out_connections_cut_mid_request() {
+    trace();
+    let finished = view("succeeded", "succeeded", Some("box2"));
+    let server = test_server::start(State {
+        runs: vec![view("running", "running", Some("box2")), finished.clone()].into(),
+        cut_runs: 1,
+        ..State::default()
+    });
+    let client = DaemonClient::new(server.base.clone());
+
+    // One cut answer on its own: a transient error naming the request.
+    let err = client.run("r1").await.unwrap_err();
+    let daemon_error = err.downcast_ref::<DaemonError>();
+    assert!(
+        daemon_error.is_some_and(DaemonError::is_transient),
+        "a cut connection should be transient: {err:#}"
+    );
+    assert!(format!("{err:#}").contains("GET "), "{err:#}");
+
+    // While following, cut answers are waited out like a restarting daemon.
+    server.state().cut_runs = 3;
+    let mut display = StepDisplay::plain(Box::new(std::io::sink()));
+    let run = follow_run_with(&client, "r1", &fast(), &mut display)
+        .await
+        .unwrap();
+    assert_eq!(run, finished);
+    assert_eq!(server.state().cut_runs, 0);
+}
+
+#[actix_web::test]
 async fn follow_stops_on_an_unknown_run() {
     let server = test_server::start(State {
         sockets: vec![vec![Action::Send(
