@@ -40,6 +40,9 @@ pub const DEFAULT_CONFIG: &str = "default.toml";
 pub const DEFAULT_BIND: &str = "127.0.0.1:7700";
 /// Data directory when neither the file nor the command line says.
 pub const DEFAULT_DATA_DIR: &str = "multiplex-data";
+/// What a `[nodes.comfyui]` section may list under `capabilities`: the step kinds ComfyUI
+/// templates produce.
+pub const COMFY_CAPABILITIES: &[&str] = &["image", "video"];
 
 /// The configuration file as written.
 #[derive(Debug, Deserialize)]
@@ -180,7 +183,65 @@ pub fn templates(file: &ConfigFile, source: &Source) -> anyhow::Result<TemplateL
             .with_context(|| format!("cannot load templates from {}", dir.display()))?;
         library.merge(extra);
     }
+    let defaults = [
+        ("image", &file.templates.image),
+        ("video", &file.templates.video),
+    ];
+    for (field, name) in defaults {
+        let Some(name) = name else { continue };
+        if library.get(name).is_none() {
+            let known: Vec<&str> = library.iter().map(|t| t.name.as_str()).collect();
+            bail!(
+                "invalid configuration in {source}: [templates] {field} names template \
+                 {name:?}, which does not exist (known: {})",
+                known.join(", ")
+            );
+        }
+    }
     Ok(library)
+}
+
+/// Checks what serde cannot: values that parse but would make a node useless or a typo
+/// that would only surface when the first workflow fails to place. Runs before any
+/// simulator starts; every error names the node and the field.
+pub fn validate(file: &ConfigFile) -> anyhow::Result<()> {
+    for (index, node) in file.nodes.iter().enumerate() {
+        if node.name.trim().is_empty() {
+            bail!("[[nodes]] entry {}: `name` is empty", index + 1);
+        }
+        let name = &node.name;
+        if node.slots == Some(0) {
+            bail!("node {name}: `slots` is 0, so it could never run a step (omit it or use 1+)");
+        }
+        if let Some(comfy) = &node.comfyui {
+            for capability in &comfy.capabilities {
+                if !COMFY_CAPABILITIES.contains(&capability.as_str()) {
+                    bail!(
+                        "node {name}: [nodes.comfyui] capabilities lists {capability:?}, \
+                         which is not a known capability (known: {})",
+                        COMFY_CAPABILITIES.join(", ")
+                    );
+                }
+            }
+            check_scheme(name, "comfyui", comfy.url.as_ref())?;
+        }
+        if let Some(langflow) = &node.langflow {
+            check_scheme(name, "langflow", langflow.url.as_ref())?;
+        }
+    }
+    Ok(())
+}
+
+/// A service is reached over HTTP (and its WebSocket derived from it): any other scheme
+/// (`ws:`, `ftp:`, a `localhost:8188` parsed as scheme `localhost`) is a mistake.
+fn check_scheme(node: &str, service: &str, url: Option<&Url>) -> anyhow::Result<()> {
+    match url {
+        Some(url) if !matches!(url.scheme(), "http" | "https") => bail!(
+            "node {node}: [nodes.{service}] url {url} has scheme {:?}; use http or https",
+            url.scheme()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Simulators started for the configuration; they stop when the daemon stops.
@@ -199,6 +260,7 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
     if file.nodes.is_empty() {
         bail!("the configuration has no [[nodes]]: nothing could run a workflow");
     }
+    validate(file)?;
     for node in &file.nodes {
         if !names.insert(node.name.as_str()) {
             bail!("node name {:?} appears twice in [[nodes]]", node.name);
@@ -324,4 +386,124 @@ async fn resolve_langflow(
 
 fn loopback_any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> ConfigFile {
+        toml::from_str(text).expect("the test config parses")
+    }
+
+    /// The message `validate` refuses `text` with.
+    fn refusal(text: &str) -> String {
+        let err = validate(&parse(text)).expect_err("the config should be refused");
+        format!("{err:#}")
+    }
+
+    const GOOD_NODE: &str = r#"
+        [[nodes]]
+        name = "box1"
+        slots = 2
+        [nodes.comfyui]
+        url = "http://127.0.0.1:8188"
+        capabilities = ["image", "video"]
+        [[nodes]]
+        name = "box4"
+        [nodes.langflow]
+        url = "https://flows.example"
+    "#;
+
+    #[test]
+    fn a_sound_config_passes() {
+        validate(&parse(GOOD_NODE)).unwrap();
+        validate(&parse(&embedded_text("cluster.example.toml").unwrap())).unwrap();
+        let (file, source) = load(None).unwrap();
+        validate(&file).unwrap();
+        templates(&file, &source).unwrap();
+    }
+
+    #[test]
+    fn useless_nodes_and_typos_are_refused_naming_node_and_field() {
+        let text = refusal(
+            r#"[[nodes]]
+            name = " "
+            [nodes.comfyui]
+            url = "http://127.0.0.1:8188""#,
+        );
+        assert!(
+            text.contains("entry 1") && text.contains("`name` is empty"),
+            "{text}"
+        );
+
+        let text = refusal(
+            r#"[[nodes]]
+            name = "box1"
+            slots = 0
+            [nodes.comfyui]
+            url = "http://127.0.0.1:8188""#,
+        );
+        assert!(
+            text.contains("node box1") && text.contains("`slots` is 0"),
+            "{text}"
+        );
+
+        let text = refusal(
+            r#"[[nodes]]
+            name = "box2"
+            [nodes.comfyui]
+            url = "http://127.0.0.1:8188"
+            capabilities = ["image", "imgae"]"#,
+        );
+        assert!(
+            text.contains("node box2") && text.contains("\"imgae\""),
+            "{text}"
+        );
+        assert!(text.contains("known: image, video"), "{text}");
+
+        for (service, url) in [("comfyui", "ws://127.0.0.1:8188"), ("langflow", "ftp://x")] {
+            let text = refusal(&format!(
+                "[[nodes]]\nname = \"box3\"\n[nodes.{service}]\nurl = \"{url}\""
+            ));
+            assert!(
+                text.contains("node box3") && text.contains(&format!("[nodes.{service}] url")),
+                "{text}"
+            );
+            assert!(text.contains("use http or https"), "{text}");
+        }
+    }
+
+    #[test]
+    fn default_templates_must_exist() {
+        let file = parse(&format!("[templates]\nvideo = \"wan21-i2vv\"\n{GOOD_NODE}"));
+        let err = templates(&file, &Source::Embedded).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("[templates] video") && text.contains("\"wan21-i2vv\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("wan21-i2v"),
+            "the known names are listed: {text}"
+        );
+
+        let file = parse(&format!(
+            "[templates]\nimage = \"flux-txt2img\"\n{GOOD_NODE}"
+        ));
+        templates(&file, &Source::Embedded).unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn resolve_refuses_before_starting_anything() {
+        let file = parse(
+            r#"[[nodes]]
+            name = "box1"
+            slots = 0
+            [nodes.comfyui]
+            simulate = {}"#,
+        );
+        let err = resolve(&file).await.err().expect("refused");
+        assert!(format!("{err:#}").contains("node box1"), "{err:#}");
+    }
 }
