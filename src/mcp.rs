@@ -76,6 +76,10 @@ pub struct McpShared {
     feed: ActivityFeed,
     /// `http://addr` of the daemon, for absolute artifact links.
     base_url: Arc<str>,
+    /// The daemon's arbiter. rmcp runs handlers on plain tokio tasks, but the cluster starts
+    /// actors (a run's `WorkflowRun`), which needs an actix context: cluster work is sent
+    /// here.
+    arbiter: actix::ArbiterHandle,
 }
 
 impl McpShared {
@@ -86,8 +90,30 @@ impl McpShared {
             cluster,
             feed,
             base_url: base_url.into(),
+            arbiter: actix::Arbiter::current(),
         }
     }
+
+    /// Runs `work` on the daemon's arbiter and answers its output; `None` when the arbiter
+    /// is gone (the daemon is stopping).
+    async fn on_actix<T, F>(&self, work: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let spawned = self.arbiter.spawn(async move {
+            let _ = done.send(work.await);
+        });
+        if !spawned {
+            return None;
+        }
+        answer.await.ok()
+    }
+}
+
+fn stopping() -> McpError {
+    McpError::internal_error("the daemon is stopping", None)
 }
 
 /// The transport, ready to mount with `.service(service.clone().scope_with_path(PATH))`;
@@ -242,15 +268,19 @@ impl ServerHandler for MultiplexMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let ctx = ToolContext {
-            cluster: &self.shared.cluster,
-            feed: &self.shared.feed,
-            base_url: &self.shared.base_url,
+            cluster: self.shared.cluster.clone(),
+            feed: self.shared.feed.clone(),
+            base_url: self.shared.base_url.clone(),
             peer: context.peer.clone(),
             progress: context.meta.get_progress_token(),
         };
         let name = request.name.to_string();
+        let tool = name.clone();
+        let work = self
+            .shared
+            .on_actix(async move { tools::call(&tool, request.arguments, ctx).await });
         let outcome = tokio::select! {
-            outcome = tools::call(&name, request.arguments, ctx) => outcome,
+            outcome = work => outcome.ok_or_else(stopping)?,
             _ = context.ct.cancelled() => {
                 info!(tool = %name, "MCP tool call cancelled by the client");
                 return Err(McpError::internal_error("the request was cancelled", None));
@@ -292,7 +322,14 @@ impl ServerHandler for MultiplexMcp {
         request: ReadResourceRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
-        match resources::read(&self.shared.cluster, &request.uri).await {
+        let cluster = self.shared.cluster.clone();
+        let uri = request.uri.clone();
+        let read = self
+            .shared
+            .on_actix(async move { resources::read(&cluster, &uri).await })
+            .await
+            .ok_or_else(stopping)?;
+        match read {
             Ok(result) => Ok(result.into()),
             Err(resources::ResourceError::Unknown(uri)) => Err(McpError::resource_not_found(
                 format!("no resource {uri}"),

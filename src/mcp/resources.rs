@@ -78,7 +78,9 @@ pub async fn read(cluster: &Cluster, uri: &str) -> Result<ReadResourceResult, Re
         },
     };
     let text = serde_json::to_string_pretty(&value).unwrap_or_default();
-    let result = json!({"contents": [{"uri": uri, "mimeType": JSON, "text": text}]});
+    // `resultType` is required at 2026-07-28; rmcp drops it for older peers.
+    let result = json!({"resultType": "complete",
+                        "contents": [{"uri": uri, "mimeType": JSON, "text": text}]});
     serde_json::from_value(result).map_err(|err| ApiError::Internal(err.to_string()).into())
 }
 

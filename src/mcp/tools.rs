@@ -336,6 +336,7 @@ impl ToolError {
             }
         }
         let result = json!({
+            "resultType": "complete",
             "content": [{"type": "text", "text": text}],
             "structuredContent": body,
             "isError": true,
@@ -356,15 +357,15 @@ fn parse<T: DeserializeOwned>(arguments: Option<rmcp::model::JsonObject>) -> Res
 }
 
 /// What a tool call can use.
-pub struct ToolContext<'a> {
-    pub cluster: &'a Cluster,
-    pub feed: &'a ActivityFeed,
-    pub base_url: &'a str,
+pub struct ToolContext {
+    pub cluster: Cluster,
+    pub feed: ActivityFeed,
+    pub base_url: std::sync::Arc<str>,
     pub peer: Peer<RoleServer>,
     pub progress: Option<ProgressToken>,
 }
 
-impl ToolContext<'_> {
+impl ToolContext {
     fn view(&self, record: &RunRecord) -> Value {
         let mut view = run_view(record);
         if let Some(steps) = view.get_mut("steps").and_then(Value::as_array_mut) {
@@ -385,7 +386,7 @@ impl ToolContext<'_> {
 pub async fn call(
     name: &str,
     arguments: Option<rmcp::model::JsonObject>,
-    ctx: ToolContext<'_>,
+    ctx: ToolContext,
 ) -> Option<Result<Value, ToolError>> {
     let result = match name {
         "submit_workflow" => submit_workflow(parse(arguments), &ctx).await,
@@ -433,7 +434,7 @@ struct IdArgs {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SubmitArgs {
-    workflow: Option<Value>,
+    workflow: Option<serde_json::Map<String, Value>>,
     template: Option<String>,
     parameters: Option<serde_json::Map<String, Value>>,
     name: Option<String>,
@@ -443,7 +444,7 @@ struct SubmitArgs {
 
 async fn submit_workflow(
     args: Result<SubmitArgs, ToolError>,
-    ctx: &ToolContext<'_>,
+    ctx: &ToolContext,
 ) -> Result<Value, ToolError> {
     let args = args?;
     let document = match (&args.workflow, &args.template) {
@@ -453,9 +454,9 @@ async fn submit_workflow(
                     "`parameters` and `name` go with `template`, not `workflow`".into(),
                 ));
             }
-            workflow.clone()
+            Value::Object(workflow.clone())
         }
-        (None, Some(template)) => template_workflow(ctx.cluster, template, &args)?,
+        (None, Some(template)) => template_workflow(&ctx.cluster, template, &args)?,
         _ => {
             return Err(ToolError::Arguments(
                 "give exactly one of `workflow` (a workflow document) or `template` (a \
@@ -543,14 +544,14 @@ fn template_workflow(
 }
 
 /// Turns a run's activity into progress notifications until the run ends.
-struct Follower<'a, 'b> {
-    ctx: &'a ToolContext<'b>,
+struct Follower<'a> {
+    ctx: &'a ToolContext,
     token: ProgressToken,
     run_id: String,
     steps: usize,
 }
 
-impl Follower<'_, '_> {
+impl Follower<'_> {
     async fn follow(&self, mut events: broadcast::Receiver<ActivityEvent>) {
         let mut ended = 0usize;
         let mut sent = 0.0f64;
@@ -663,7 +664,7 @@ fn ten_minutes() -> u64 {
 
 async fn allocate(
     args: Result<AllocateArgs, ToolError>,
-    ctx: &ToolContext<'_>,
+    ctx: &ToolContext,
 ) -> Result<Value, ToolError> {
     let args = args?;
     if let Some(id) = &args.release {
@@ -680,7 +681,7 @@ async fn allocate(
     Ok(json!(lease))
 }
 
-fn release(id: &str, ctx: &ToolContext<'_>) -> Result<Value, ToolError> {
+fn release(id: &str, ctx: &ToolContext) -> Result<Value, ToolError> {
     let lease = ctx.cluster.release_lease(id)?;
     Ok(json!(lease))
 }
@@ -698,7 +699,7 @@ struct ActivityArgs {
 
 async fn stream_activity(
     args: Result<ActivityArgs, ToolError>,
-    ctx: &ToolContext<'_>,
+    ctx: &ToolContext,
 ) -> Result<Value, ToolError> {
     let args = args?;
     let limit = args.limit.unwrap_or(100).clamp(1, MAX_EVENTS);
