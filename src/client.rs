@@ -120,6 +120,7 @@ impl DaemonError {
             None => {
                 let body = String::from_utf8_lossy(body);
                 let body = body.split_whitespace().collect::<Vec<_>>().join(" ");
+                let body = view::printable(&body);
                 let message = if body.is_empty() {
                     reason(status)
                 } else {

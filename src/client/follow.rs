@@ -20,6 +20,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
 
 use super::progress::{StepDisplay, Tracker};
+use super::view;
 use super::{DaemonClient, DaemonError};
 
 /// Largest WebSocket frame accepted; step previews carry base64 images that exceed awc's
@@ -344,15 +345,10 @@ impl Follower<'_> {
                 self.refresh().await
             }
             "error" => {
-                let message = frame
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                let code = frame
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                tracing::warn!(code, message, run = self.run_id, "daemon refused a command");
+                // Read through `view` so control characters arrive escaped on stderr.
+                let message = view::cell(&frame, "message");
+                let code = view::cell(&frame, "error");
+                tracing::warn!(%code, %message, run = self.run_id, "daemon refused a command");
                 // REST tells whether the run exists; an unknown run ends the follow there.
                 self.refresh().await
             }

@@ -241,7 +241,7 @@ fn write_error(out: &mut String, step: &Value) {
     };
     let lines: Vec<&str> = details.lines().filter(|l| !l.trim().is_empty()).collect();
     for line in lines.iter().take(DETAIL_LINES) {
-        let _ = write!(out, "\n        {line}");
+        let _ = write!(out, "\n        {}", view::printable(line));
     }
     if lines.len() > DETAIL_LINES {
         let _ = write!(out, "\n        … {} more lines", lines.len() - DETAIL_LINES);

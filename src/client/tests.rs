@@ -433,3 +433,62 @@ fn odd_json_renders_dashes_instead_of_panicking() {
     let bare = render::run_table(&json!({}));
     assert!(bare.starts_with("run -: -"), "{bare}");
 }
+
+/// Names, ids, reasons and errors come from workflow documents and remote services: none
+/// may reach the terminal as a control character (an ESC sequence could rewrite the screen,
+/// a newline or carriage return forge a line).
+#[test]
+fn control_characters_from_the_daemon_are_shown_escaped() {
+    let evil = "a\u{1b}[2J\u{0}b\r\nc\u{9b}d\u{202e}e";
+    let mut run = view("failed", "failed", Some(evil));
+    run["id"] = json!(evil);
+    run["name"] = json!(evil);
+    run["error"] = json!(evil);
+    run["steps"][0]["id"] = json!(evil);
+    run["steps"][0]["error"] = json!({"message": evil, "details": {"trace": evil}});
+    run["steps"][0]["artifacts"] = json!([{"id": "ab12", "kind": evil, "filename": evil}]);
+    let nodes = json!({"nodes": [{"name": evil, "available": false, "reason": evil,
+                                  "services": [evil], "gpus": [{"name": evil}]}]});
+    let base = url::Url::parse("http://127.0.0.1:7700/").unwrap();
+    let outputs = [
+        render::runs_table(&json!({"runs": [run.clone()]})),
+        render::run_table(&run),
+        render::nodes_table(&nodes),
+        render::run_summary(&run, &base, None),
+    ];
+    for text in &outputs {
+        let bad: Vec<char> = text
+            .chars()
+            .filter(|c| *c != '\n' && (c.is_control() || *c == '\u{202e}'))
+            .collect();
+        assert!(bad.is_empty(), "control characters {bad:?} in\n{text}");
+        assert!(
+            text.contains(r"a\u{1b}[2J\u{0}b\r\nc\u{9b}d\u{202e}e"),
+            "{text}"
+        );
+    }
+    // The forged newline did not start a line of its own.
+    assert!(
+        outputs[3].lines().all(|line| !line.starts_with('c')),
+        "{}",
+        outputs[3]
+    );
+
+    let err = DaemonError::from_answer(
+        "GET /x".into(),
+        reqwest::StatusCode::BAD_GATEWAY,
+        evil.as_bytes(),
+    );
+    assert!(!err.to_string().contains('\u{1b}'), "{err}");
+
+    let out = Captured::default();
+    let mut display = StepDisplay::plain(Box::new(out.clone()));
+    let mut tracker = super::progress::Tracker::new("r1");
+    display.show(&tracker.snapshot(&run));
+    display.finish();
+    let shown = out.lines().join("\n");
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\r'),
+        "{shown}"
+    );
+}

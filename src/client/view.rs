@@ -4,6 +4,11 @@
 //! nothing here trusts a field to exist or to have the expected type: a missing or odd value
 //! reads as `None` and prints as "-". Keeping this in one place keeps the tables, the summary
 //! and the progress display from each growing their own `unwrap`s.
+//!
+//! Text is also made safe to print here: names, ids and errors come from workflow documents
+//! and remote services, and a control character in one (ESC starting a terminal escape
+//! sequence, a carriage return or newline forging a line) would act on the reader's
+//! terminal. [`printable`] shows such characters escaped instead.
 
 use serde_json::Value;
 
@@ -13,11 +18,35 @@ pub const MISSING: &str = "-";
 /// A string field, or a number/bool rendered as text; `None` for null, missing or containers.
 pub fn text(value: &Value, key: &str) -> Option<String> {
     match value.get(key)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::String(s) if !s.is_empty() => Some(printable(s)),
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
+}
+
+/// `s` with every control character (C0, DEL, C1, including newlines and tabs) and every
+/// bidirectional-text override written as a Rust escape (`\u{1b}`, `\n`), so that what the
+/// daemon relays can neither drive the terminal nor reorder or forge lines.
+pub fn printable(s: &str) -> String {
+    let unsafe_char = |c: char| c.is_control() || is_bidi_control(c);
+    if !s.chars().any(unsafe_char) {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The invisible marks that reorder text on display (the "Trojan Source" characters).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// A string field for display: the value, or "-".
@@ -56,7 +85,7 @@ pub fn joined(value: &Value, key: &str) -> String {
     let items: Vec<String> = list(value, key)
         .iter()
         .filter_map(|item| match item {
-            Value::String(s) => Some(s.clone()),
+            Value::String(s) => Some(printable(s)),
             Value::Number(n) => Some(n.to_string()),
             Value::Object(_) => text(item, "name").or_else(|| text(item, "id")),
             _ => None,
@@ -73,7 +102,7 @@ pub fn joined(value: &Value, key: &str) -> String {
 /// or as a plain string.
 pub fn error_message(value: &Value, key: &str) -> Option<String> {
     match value.get(key)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::String(s) if !s.is_empty() => Some(printable(s)),
         obj @ Value::Object(_) => text(obj, "message"),
         _ => None,
     }
