@@ -9,13 +9,20 @@
 //!   hex digits), written through `artifacts/tmp/` and renamed into place once complete.
 //!
 //! Every write that records a transition is flushed before the caller goes on, so what the
-//! daemon acknowledged or sent to a node is on disk first. sled batches concurrent flushes,
-//! which is what keeps many small durable writes cheap.
+//! daemon acknowledged or sent to a node is on disk first. Flushes are shared by every
+//! writer waiting at the time ([`group_commit`]), which keeps many small durable writes cheap.
+//!
+//! A record that cannot be decoded (a damaged disk, a bug in an older version) is logged and
+//! left out of listings and resumes, so one bad record never hides or stops the others.
 
 mod artifacts;
+mod group_commit;
 mod records;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use group_commit::GroupCommit;
 
 pub use artifacts::ArtifactFiles;
 pub use records::{RemoteRef, RunRecord, RunState, StepError, StepRecord, StepState};
@@ -31,6 +38,8 @@ pub enum StoreError {
     Open { path: PathBuf, source: sled::Error },
     #[error("store I/O on {what}: {source}")]
     Db { what: String, source: sled::Error },
+    #[error("store flush: {0}")]
+    Flush(String),
     #[error("stored record {key} cannot be read: {source}")]
     Corrupt {
         key: String,
@@ -41,16 +50,14 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the store's background task failed: {0}")]
-    Join(String),
 }
 
 /// Handle to the store; cheap to clone and shared by every actor that persists.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
     runs: sled::Tree,
     files: ArtifactFiles,
+    commits: Arc<GroupCommit>,
 }
 
 impl Store {
@@ -70,7 +77,12 @@ impl Store {
         let runs = db.open_tree("runs").map_err(open_error)?;
         let artifact_index = db.open_tree("artifacts").map_err(open_error)?;
         let files = ArtifactFiles::open(data_dir.join("artifacts"), artifact_index)?;
-        Ok(Store { db, runs, files })
+        let commits = GroupCommit::start(db).map_err(|err| open_error(sled::Error::Io(err)))?;
+        Ok(Store {
+            runs,
+            files,
+            commits: Arc::new(commits),
+        })
     }
 
     /// The artifact files and their index.
@@ -101,14 +113,7 @@ impl Store {
 
     /// Waits until everything written so far is on disk. Concurrent callers share flushes.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db
-            .flush_async()
-            .await
-            .map(drop)
-            .map_err(|source| StoreError::Db {
-                what: "flush".into(),
-                source,
-            })
+        self.commits.flush().await.map_err(StoreError::Flush)
     }
 
     pub fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
@@ -138,7 +143,7 @@ impl Store {
                 what: "run listing".into(),
                 source,
             })?;
-            runs.push(decode_run(&String::from_utf8_lossy(&key), &value)?);
+            runs.extend(decode_or_skip(&key, &value));
         }
         Ok(runs)
     }
@@ -151,12 +156,22 @@ impl Store {
                 what: "run scan".into(),
                 source,
             })?;
-            let run = decode_run(&String::from_utf8_lossy(&key), &value)?;
-            if !run.state.is_terminal() {
-                runs.push(run);
-            }
+            let run = decode_or_skip(&key, &value);
+            runs.extend(run.filter(|run| !run.state.is_terminal()));
         }
         Ok(runs)
+    }
+}
+
+/// A listed record, or `None` (logged) when it cannot be read.
+fn decode_or_skip(key: &[u8], bytes: &[u8]) -> Option<RunRecord> {
+    let key = String::from_utf8_lossy(key);
+    match decode_run(&key, bytes) {
+        Ok(run) => Some(run),
+        Err(err) => {
+            tracing::error!(run = %key, error = %err, "skipping a stored run that cannot be read");
+            None
+        }
     }
 }
 
