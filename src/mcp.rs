@@ -463,8 +463,7 @@ pub async fn accept_shim(
         .lines()
         .filter_map(|line| line.strip_prefix("data:"))
         .map(str::trim)
-        .filter(|data| data.contains("\"id\"") && !data.contains("\"method\""))
-        .next_back()
+        .rfind(|data| data.contains("\"id\"") && !data.contains("\"method\""))
         .unwrap_or("")
         .to_string();
     head.headers_mut()

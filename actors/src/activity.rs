@@ -6,6 +6,7 @@
 //! instead of slowing everyone else down, and is told how many it missed.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -114,7 +115,8 @@ pub struct Publish(pub Activity);
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub enum Delivery {
-    Event(ActivityEvent),
+    /// Shared by every subscriber it goes to: a fan-out clones a pointer, not the event.
+    Event(Arc<ActivityEvent>),
     /// The subscriber's mailbox was full and this many events were dropped for it.
     Missed(u64),
 }
@@ -170,13 +172,13 @@ struct Subscriber {
 #[derive(Default)]
 pub struct ActivityHub {
     next_seq: u64,
-    recent: VecDeque<ActivityEvent>,
+    recent: VecDeque<Arc<ActivityEvent>>,
     subscribers: HashMap<u64, Subscriber>,
     next_subscriber: u64,
 }
 
 impl ActivityHub {
-    fn deliver(subscriber: &mut Subscriber, event: &ActivityEvent) -> bool {
+    fn deliver(subscriber: &mut Subscriber, event: &Arc<ActivityEvent>) -> bool {
         if subscriber.missed > 0
             && subscriber
                 .recipient
@@ -187,7 +189,7 @@ impl ActivityHub {
         }
         match subscriber
             .recipient
-            .try_send(Delivery::Event(event.clone()))
+            .try_send(Delivery::Event(Arc::clone(event)))
         {
             Ok(()) => true,
             Err(SendError::Full(_)) => {
@@ -215,11 +217,11 @@ impl Handler<Publish> for ActivityHub {
 
     fn handle(&mut self, Publish(activity): Publish, _ctx: &mut Self::Context) {
         self.next_seq += 1;
-        let event = ActivityEvent {
+        let event = Arc::new(ActivityEvent {
             seq: self.next_seq,
             at: OffsetDateTime::now_utc(),
             activity,
-        };
+        });
         self.subscribers.retain(|_, subscriber| {
             !subscriber.filter.matches(&event.activity) || Self::deliver(subscriber, &event)
         });
@@ -269,7 +271,7 @@ impl Handler<EventsSince> for ActivityHub {
             .iter()
             .filter(|event| event.seq > msg.after && msg.filter.matches(&event.activity))
             .take(msg.limit)
-            .cloned()
+            .map(|event| ActivityEvent::clone(event))
             .collect();
         MessageResult((events, self.next_seq))
     }

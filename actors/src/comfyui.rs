@@ -49,8 +49,9 @@ pub enum ComfyError {
     #[error("ComfyUI rejected prompt {prompt_id}: {}", rejection_summary(.error, .node_errors))]
     Rejected {
         prompt_id: String,
-        error: Value,
-        node_errors: Value,
+        // Boxed: they are rare, and would make every `Result` carrying this error large.
+        error: Box<Value>,
+        node_errors: Box<Value>,
     },
     /// An answer that is not what the protocol says.
     #[error("unreadable answer from ComfyUI at {url}: {detail}")]

@@ -238,7 +238,7 @@ impl Handler<Delivery> for UiSession {
 
     fn handle(&mut self, delivery: Delivery, ctx: &mut Self::Context) {
         match delivery {
-            Delivery::Event(event) => match serde_json::to_string(&event) {
+            Delivery::Event(event) => match serde_json::to_string(&*event) {
                 Ok(text) => ctx.text(text),
                 Err(err) => debug!(error = %err, "event not serializable"),
             },

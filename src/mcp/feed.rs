@@ -66,7 +66,7 @@ impl Handler<Delivery> for Forwarder {
         match delivery {
             // No receiver is not an error: no MCP session is listening right now.
             Delivery::Event(event) => {
-                let _ = self.sender.send(event);
+                let _ = self.sender.send(ActivityEvent::clone(&event));
             }
             Delivery::Missed(count) => debug!(count, "MCP activity feed missed events"),
         }

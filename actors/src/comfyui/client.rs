@@ -183,8 +183,8 @@ impl ComfyClient {
             if let Ok(answer) = serde_json::from_str::<Value>(&text) {
                 return Err(ComfyError::Rejected {
                     prompt_id: prompt_id.to_string(),
-                    error: answer.get("error").cloned().unwrap_or(Value::Null),
-                    node_errors: answer.get("node_errors").cloned().unwrap_or(json!({})),
+                    error: Box::new(answer.get("error").cloned().unwrap_or(Value::Null)),
+                    node_errors: Box::new(answer.get("node_errors").cloned().unwrap_or(json!({}))),
                 });
             }
         }

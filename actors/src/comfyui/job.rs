@@ -400,8 +400,8 @@ async fn submit(
             return Err(JobError::Rejected {
                 prompt_id: prompt_id.into(),
                 message,
-                error,
-                node_errors,
+                error: *error,
+                node_errors: *node_errors,
             });
         }
         Err(source) => {
