@@ -217,11 +217,25 @@ impl ParamSpec {
     }
 
     fn range_text(&self) -> String {
+        let shown = |bound: f64| self.bound_text(bound);
         match (self.min, self.max) {
-            (Some(min), Some(max)) => format!(" between {min} and {max}"),
-            (Some(min), None) => format!(" of at least {min}"),
-            (None, Some(max)) => format!(" of at most {max}"),
+            (Some(min), Some(max)) => format!(" between {} and {}", shown(min), shown(max)),
+            (Some(min), None) => format!(" of at least {}", shown(min)),
+            (None, Some(max)) => format!(" of at most {}", shown(max)),
             (None, None) => String::new(),
+        }
+    }
+
+    /// A bound as a person would write it: an integer parameter's bound of `u64::MAX as f64`
+    /// reads 18446744073709551615, not the float's 18446744073709552000.
+    fn bound_text(&self, bound: f64) -> String {
+        let integer = matches!(self.ty, ParamType::Integer) && bound.fract() == 0.0;
+        if integer && bound >= u64::MAX as f64 {
+            u64::MAX.to_string()
+        } else if integer && bound.abs() < 9.0e15 {
+            (bound as i64).to_string()
+        } else {
+            bound.to_string()
         }
     }
 }
