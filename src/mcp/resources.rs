@@ -2,7 +2,7 @@
 //!
 //! | URI | name | changes with |
 //! |-----|------|--------------|
-//! | `multiplex://cluster/status` | gpu_cluster_status | node availability, runs starting and ending, step placement |
+//! | `multiplex://cluster/status` | gpu_cluster_status | nodes coming and going, runs, placements |
 //! | `multiplex://templates` | workflow_templates | nothing while the daemon runs |
 //! | `multiplex://capabilities` | model_capabilities | nothing while the daemon runs |
 //! | `multiplex://runs/{id}` | workflow_run | every state change and progress tick of that run |
