@@ -60,3 +60,52 @@ async fn a_damaged_record_is_left_out_instead_of_failing_listing_and_resume() {
     assert_eq!(listed[0].id, "good");
     assert_eq!(store.unfinished_runs().unwrap().len(), 1);
 }
+
+/// Opening must fail with an error that names the database path, never panic or wipe.
+fn open_error(data_dir: &std::path::Path) -> String {
+    match std::panic::catch_unwind(|| Store::open(data_dir)) {
+        Ok(Ok(_)) => panic!("a damaged store at {} opened", data_dir.display()),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => panic!("opening a damaged store at {} panicked", data_dir.display()),
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_is_an_error_naming_its_path() {
+    // In use by another daemon: sled's lock file is held.
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap();
+    let message = open_error(dir.path());
+    assert!(
+        message.contains(&dir.path().join("db").display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("another multiplex daemon"), "{message}");
+    drop(first);
+
+    // The database's files overwritten with garbage, as a bad disk might leave them.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.save_run(&record("kept")).await.unwrap();
+    }
+    let db = dir.path().join("db");
+    for entry in std::fs::read_dir(&db).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::write(&path, vec![0xA5; 4096]).unwrap();
+        }
+    }
+    let message = open_error(dir.path());
+    assert!(message.contains(&db.display().to_string()), "{message}");
+    // Nothing was deleted to make room for a fresh store.
+    assert!(std::fs::read_dir(&db).unwrap().count() > 0);
+
+    // A data directory that is a file.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let message = open_error(file.path());
+    assert!(
+        message.contains(&file.path().display().to_string()),
+        "{message}"
+    );
+}
