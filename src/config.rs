@@ -26,6 +26,8 @@ use serde::Deserialize;
 use tracing::info;
 use url::Url;
 
+use crate::auth::TokenSpec;
+
 /// The `config/` folder, built into the binary.
 #[derive(RustEmbed)]
 #[folder = "config/"]
@@ -72,6 +74,15 @@ pub struct DaemonSection {
     /// Host names /mcp answers under besides loopback ones (DNS-rebinding defence).
     #[serde(default)]
     pub mcp_allowed_hosts: Vec<String>,
+    /// Bearer tokens, each named by the environment variable holding it, with its role:
+    /// `tokens = [{ env = "MULTIPLEX_OPERATOR_TOKEN", role = "operator" }]`. None: the
+    /// daemon is open, and then only on loopback unless `allow_open` (see [`crate::auth`]).
+    #[serde(default)]
+    pub tokens: Vec<TokenSpec>,
+    /// Serve without tokens on a non-loopback address (a trusted network, a proxy that
+    /// authenticates). Off by default.
+    #[serde(default)]
+    pub allow_open: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -391,6 +402,7 @@ fn loopback_any_port() -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Role;
 
     fn parse(text: &str) -> ConfigFile {
         toml::from_str(text).expect("the test config parses")
@@ -492,6 +504,51 @@ mod tests {
             "[templates]\nimage = \"flux-txt2img\"\n{GOOD_NODE}"
         ));
         templates(&file, &Source::Embedded).unwrap();
+    }
+
+    #[test]
+    fn tokens_name_their_variable_and_role() {
+        let file = parse(&format!(
+            r#"[daemon]
+            bind = "0.0.0.0:7700"
+            allow_open = false
+            tokens = [{{ env = "MULTIPLEX_OPERATOR_TOKEN", role = "operator" }},
+                      {{ env = "MULTIPLEX_VIEWER_TOKEN", role = "viewer" }}]
+            {GOOD_NODE}"#
+        ));
+        let tokens: Vec<(&str, Role)> = file
+            .daemon
+            .tokens
+            .iter()
+            .map(|t| (t.env.as_str(), t.role))
+            .collect();
+        assert_eq!(
+            tokens,
+            [
+                ("MULTIPLEX_OPERATOR_TOKEN", Role::Operator),
+                ("MULTIPLEX_VIEWER_TOKEN", Role::Viewer)
+            ]
+        );
+        assert!(!file.daemon.allow_open);
+        let open = parse(GOOD_NODE);
+        assert!(open.daemon.tokens.is_empty() && !open.daemon.allow_open);
+    }
+
+    #[test]
+    fn a_token_in_the_file_or_an_unknown_role_is_refused() {
+        for (entry, expected) in [
+            (r#"{ env = "T", role = "admin" }"#, "admin"),
+            (
+                r#"{ env = "T", role = "viewer", token = "s3cret" }"#,
+                "token",
+            ),
+            (r#"{ role = "viewer" }"#, "env"),
+        ] {
+            let text = format!("[daemon]\ntokens = [{entry}]\n{GOOD_NODE}");
+            let err = toml::from_str::<ConfigFile>(&text).expect_err("refused");
+            let message = err.to_string();
+            assert!(message.contains(expected), "{entry}: {message}");
+        }
     }
 
     #[actix_rt::test]

@@ -1,5 +1,6 @@
 //! The Multiplex daemon: configuration, the HTTP interfaces and the CLI's client side.
 //!
+//! - [`auth`]: bearer tokens and their roles.
 //! - [`config`]: the TOML file, the embedded default, and starting simulated nodes.
 //! - [`daemon`]: wiring: store, actors (from `multiplex-actors`) and the HTTP server.
 //! - [`http`]: REST admin API, artifact downloads and the UI WebSocket.
@@ -10,6 +11,7 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line and calls into these.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod daemon;
