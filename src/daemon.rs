@@ -1,5 +1,6 @@
 //! Starting a daemon: configuration, store, actors and the HTTP server, in that order.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -8,6 +9,7 @@ use multiplex_actors::cluster::Cluster;
 use multiplex_actors::store::Store;
 use tracing::info;
 
+use crate::auth::{self, Tokens};
 use crate::config::{self, Simulators, DEFAULT_BIND, DEFAULT_DATA_DIR};
 use crate::http;
 
@@ -19,6 +21,12 @@ pub struct DaemonOptions {
     /// Listen address; port 0 picks a free port.
     pub bind: Option<String>,
     pub data_dir: Option<PathBuf>,
+    /// `--allow-open`: serve without tokens on a non-loopback address (or `[daemon]
+    /// allow_open`).
+    pub allow_open: bool,
+    /// Where the `[daemon] tokens` variables are read: the process environment when `None`.
+    /// Tests pass a map instead of changing the environment of a multi-threaded process.
+    pub environment: Option<HashMap<String, String>>,
 }
 
 /// A started daemon. Dropping it does not stop it; call [`RunningDaemon::stop`].
@@ -67,6 +75,14 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
         .clone()
         .or_else(|| file.daemon.bind.clone())
         .unwrap_or_else(|| DEFAULT_BIND.to_string());
+    // Before anything opens or starts: a missing token or an open daemon on a public
+    // address stops startup with nothing to clean up.
+    let tokens = match &options.environment {
+        Some(map) => Tokens::load(&file.daemon.tokens, |name| map.get(name).cloned()),
+        None => Tokens::load(&file.daemon.tokens, |name| std::env::var(name).ok()),
+    }
+    .with_context(|| format!("invalid configuration in {source}"))?;
+    auth::check_exposure(&bind, &tokens, options.allow_open || file.daemon.allow_open)?;
 
     let store = Store::open(&data_dir)?;
     let (cluster_config, sims) = config::resolve(&file).await?;
@@ -80,9 +96,10 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
     }
 
     let limits = http::Limits::from_config(&file.daemon);
-    let (server, addr) = http::serve(cluster.clone(), &bind, limits)
+    let open = tokens.is_open();
+    let (server, addr) = http::serve(cluster.clone(), &bind, limits, tokens)
         .with_context(|| format!("cannot listen on {bind}"))?;
-    info!(%addr, "multiplex daemon listening");
+    info!(%addr, open, "multiplex daemon listening");
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(RunningDaemon {

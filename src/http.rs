@@ -14,20 +14,27 @@
 //! | GET  | /ws                            | WebSocket: live activity, submit and cancel        |
 //! | POST, GET, DELETE | /mcp          | MCP Streamable HTTP (see [`crate::mcp`])           |
 //!
-//! docs/api.md documents bodies and WebSocket messages; docs/mcp.md the MCP server.
+//! Every route but `GET /api/health` needs a bearer token of the right role when `[daemon]
+//! tokens` are configured ([`auth`]).
+//!
+//! docs/api.md documents bodies, WebSocket messages and authentication; docs/mcp.md the MCP
+//! server.
 
 mod api;
+pub mod auth;
 mod error;
 mod ws;
 
 use std::net::SocketAddr;
 
+use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use multiplex_actors::cluster::Cluster;
 
 pub use api::run_view;
 pub use error::ApiError;
 
+use crate::auth::Tokens;
 use crate::config::DaemonSection;
 
 /// Default largest request body: a workflow with an inline ComfyUI graph is tens of KiB; a
@@ -56,11 +63,14 @@ impl Limits {
     }
 }
 
-/// Builds the server and binds it; the caller spawns the returned future.
+/// Builds the server and binds it; the caller spawns the returned future. With no `tokens`,
+/// every request is an operator's (the caller decides whether that is allowed on `bind`,
+/// see [`crate::auth::check_exposure`]).
 pub fn serve(
     cluster: Cluster,
     bind: &str,
     limits: Limits,
+    tokens: Tokens,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
     // Bind first: MCP answers carry absolute artifact links to this address.
     let listener = std::net::TcpListener::bind(bind)?;
@@ -68,13 +78,19 @@ pub fn serve(
     let shared = crate::mcp::McpShared::new(cluster.clone(), format!("http://{addr}"));
     let mcp = crate::mcp::http_service(shared, &limits.mcp);
     let cluster = web::Data::new(cluster);
+    let tokens = web::Data::new(tokens);
     let max_body_bytes = limits.max_body_bytes;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(cluster.clone())
+            .app_data(tokens.clone())
             .app_data(error::json_config(max_body_bytes))
             .app_data(web::PayloadConfig::new(max_body_bytes))
+            // Last wrapped runs first: the query token is gone before the logger sees the
+            // URI, and refusals are logged inside the request's span.
+            .wrap(from_fn(auth::authenticate))
             .wrap(tracing_actix_web::TracingLogger::default())
+            .wrap(from_fn(auth::redact_query_token))
             .configure(api::routes)
             .route("/ws", web::get().to(ws::connect))
             .service(

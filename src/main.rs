@@ -34,6 +34,9 @@ enum Command {
         bind: Option<String>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Serve without [daemon] tokens on a non-loopback address (refused otherwise).
+        #[arg(long)]
+        allow_open: bool,
     },
     /// Start a daemon on the built-in simulated cluster, run the example workflow with live
     /// progress, print where each artifact is, and exit.
@@ -227,11 +230,14 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             config,
             bind,
             data_dir,
+            allow_open,
         } => {
             let daemon = daemon::start(DaemonOptions {
                 config,
                 bind,
                 data_dir,
+                allow_open,
+                environment: None,
             })
             .await?;
             announce(daemon.addr)?;
@@ -372,6 +378,7 @@ async fn demo(
         config: None,
         bind: Some("127.0.0.1:0".into()),
         data_dir: Some(data_dir.clone()),
+        ..DaemonOptions::default()
     };
     let daemon = daemon::start(options).await?;
     let url = daemon.url();

@@ -12,8 +12,14 @@
 //!
 //! [`relay`] is `multiplex mcp`: the same server over stdio, relayed to a running daemon.
 //!
-//! Auth: the REST API has no tokens yet, so neither has MCP. When it gets them, the check
-//! goes in [`authorize`], which already sees every MCP request before rmcp does.
+//! Auth: every `/mcp` request needs a viewer's token when the daemon has tokens; one without
+//! is answered 401 at the HTTP layer ([`crate::http::auth`]) before rmcp sees it. Per
+//! request, [`authorize`] hands the caller to the handler, and tools that change the cluster
+//! (`submit_workflow`, `cancel_workflow`, `allocate_gpu_resources`, `release_lease`) answer
+//! a viewer with a tool error naming the operator role. They stay in `tools/list` for
+//! everyone: the list is the same whatever the token, so a client caching it per session
+//! is never wrong, and the refusal says what to change. Resources are all readable by a
+//! viewer.
 
 pub mod feed;
 pub mod relay;
@@ -23,7 +29,7 @@ pub mod tools;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use actix_web::HttpRequest;
+use actix_web::{HttpMessage, HttpRequest};
 use multiplex_actors::cluster::Cluster;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, Implementation, ListResourceTemplatesResult,
@@ -38,6 +44,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
 
+use crate::auth::{Caller, Role};
 use feed::ActivityFeed;
 use tools::ToolContext;
 
@@ -137,15 +144,32 @@ pub fn http_service(
         .session_manager(Arc::new(LocalSessionManager::default()))
         .allowed_origins(origins)
         .allowed_hosts(hosts)
-        .on_request_fn(|request, _extensions| authorize(request))
+        .on_request_fn(authorize)
         .build()
 }
 
-/// The auth hook: every MCP request passes here before rmcp sees it. There are no tokens
-/// yet (the REST API has none); when `[daemon] tokens` arrives, the same check as REST goes
-/// here, answering 401 with `WWW-Authenticate: Bearer` as MCP clients expect.
-fn authorize(request: &HttpRequest) {
-    debug!(method = %request.method(), peer = ?request.peer_addr(), "MCP request");
+/// The auth hook: every MCP request passes here before rmcp sees it, already authenticated
+/// by the HTTP layer (a request without a valid token never gets here: 401 with
+/// `WWW-Authenticate: Bearer`). It hands the [`Caller`] to the request's handler, where
+/// [`MultiplexMcp::call_tool`] checks each tool's role. A request that somehow carries no
+/// caller hands none on, and every tool that needs a role refuses it.
+fn authorize(request: &HttpRequest, extensions: &mut rmcp::model::Extensions) {
+    let caller = request.extensions().get::<Caller>().cloned();
+    debug!(method = %request.method(), peer = ?request.peer_addr(),
+        role = caller.as_ref().map(|c| c.role.as_str()), "MCP request");
+    if let Some(caller) = caller {
+        extensions.insert(caller);
+    }
+}
+
+/// The tool error for a caller whose role is too low for `tool`.
+fn forbidden(tool: &str, needed: Role, caller: Option<&Caller>) -> CallToolResponse {
+    let held = caller.map_or("no".to_string(), |c| format!("the {}", c.role));
+    let message = format!("{tool} needs the {needed} role; this token has {held} role");
+    debug!(tool, token = ?caller.and_then(|c| c.token.as_deref()), "MCP tool refused");
+    tools::ToolError::Api(crate::http::ApiError::Forbidden(message))
+        .into_result()
+        .into()
 }
 
 /// One MCP session's handler (rmcp makes one per session, or per request when stateless).
@@ -275,6 +299,13 @@ impl ServerHandler for MultiplexMcp {
             progress: context.meta.get_progress_token(),
         };
         let name = request.name.to_string();
+        if let Some(needed) = tools::required_role(&name) {
+            let caller = rmcp_actix_web::transport::on_request_extensions(&context.extensions)
+                .and_then(|extensions| extensions.get::<Caller>());
+            if !caller.is_some_and(|caller| caller.may(needed)) {
+                return Ok(forbidden(&name, needed, caller));
+            }
+        }
         let tool = name.clone();
         let work = self
             .shared

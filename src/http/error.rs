@@ -3,6 +3,7 @@
 //! Bodies are `{"error": code, "message": sentence}`, plus `issues` for an invalid workflow,
 //! so clients can branch on the code and show the sentence.
 
+use actix_web::http::header::WWW_AUTHENTICATE;
 use actix_web::http::StatusCode;
 use actix_web::{error::JsonPayloadError, web, HttpResponse, ResponseError};
 use multiplex_actors::cluster::ClusterError;
@@ -17,6 +18,12 @@ pub enum ApiError {
     Invalid(Vec<ValidationIssue>),
     #[error("{0}")]
     BadRequest(String),
+    /// No token, or one the daemon does not know (401 with `WWW-Authenticate: Bearer`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose role is too low (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -43,6 +50,8 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => "invalid_workflow",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "payload_too_large",
@@ -55,6 +64,8 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Invalid(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -67,7 +78,21 @@ impl ResponseError for ApiError {
         if let ApiError::Invalid(issues) = self {
             body["issues"] = json!(issues);
         }
-        HttpResponse::build(self.status_code()).json(body)
+        let mut response = HttpResponse::build(self.status_code());
+        // RFC 6750: a bearer-token challenge on 401, the reason on 403.
+        match self {
+            ApiError::Unauthorized(_) => {
+                response.insert_header((WWW_AUTHENTICATE, r#"Bearer realm="multiplex""#));
+            }
+            ApiError::Forbidden(_) => {
+                response.insert_header((
+                    WWW_AUTHENTICATE,
+                    r#"Bearer realm="multiplex", error="insufficient_scope""#,
+                ));
+            }
+            _ => {}
+        }
+        response.json(body)
     }
 }
 

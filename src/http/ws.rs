@@ -20,6 +20,7 @@ use tracing::{debug, info};
 
 use super::api::run_view;
 use super::ApiError;
+use crate::auth::{Caller, Role};
 
 /// How often the server pings the client.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
@@ -30,14 +31,17 @@ const MAILBOX_CAPACITY: usize = 1024;
 /// Largest frame a client may send (a workflow with an inline graph fits easily).
 const MAX_FRAME: usize = 1024 * 1024;
 
-/// Upgrades `GET /ws` to a session.
+/// Upgrades `GET /ws` to a session. A viewer's session may subscribe; its `submit` and
+/// `cancel` are answered with a `forbidden` error frame.
 pub async fn connect(
     request: HttpRequest,
     stream: web::Payload,
     cluster: web::Data<Cluster>,
+    caller: web::ReqData<Caller>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let session = UiSession {
         cluster: cluster.get_ref().clone(),
+        caller: caller.into_inner(),
         subscription: None,
         last_heard: Instant::now(),
     };
@@ -71,6 +75,15 @@ enum Command {
 }
 
 impl Command {
+    /// The command's name when it changes the cluster, which takes an operator.
+    fn operator_only(&self) -> Option<&'static str> {
+        match self {
+            Command::Submit { .. } => Some("submit"),
+            Command::Cancel { .. } => Some("cancel"),
+            Command::Subscribe { .. } | Command::Unsubscribe | Command::Ping => None,
+        }
+    }
+
     fn parse(text: &str) -> Result<Command, String> {
         serde_json::from_str(text).map_err(|err| {
             format!(
@@ -84,6 +97,8 @@ impl Command {
 /// One connected UI client.
 pub struct UiSession {
     cluster: Cluster,
+    /// Whom the upgrade request was authenticated as; decides submit and cancel.
+    caller: Caller,
     /// The hub's id for our subscription, once subscribed.
     subscription: Option<u64>,
     last_heard: Instant,
@@ -95,6 +110,18 @@ impl UiSession {
     }
 
     fn run_command(&mut self, command: Command, ctx: &mut ws::WebsocketContext<Self>) {
+        if let Some(name) = command.operator_only() {
+            if !self.caller.may(Role::Operator) {
+                let request_id = match command {
+                    Command::Submit { request_id, .. } | Command::Cancel { request_id, .. } => {
+                        request_id
+                    }
+                    _ => None,
+                };
+                Self::send_json(ctx, &self.forbidden(name, request_id));
+                return;
+            }
+        }
         match command {
             Command::Subscribe { run_id, since } => self.subscribe(run_id, since, ctx),
             Command::Unsubscribe => self.unsubscribe(),
@@ -105,6 +132,18 @@ impl UiSession {
             Command::Cancel { run_id, request_id } => self.cancel(run_id, request_id, ctx),
             Command::Ping => Self::send_json(ctx, &json!({ "type": "pong" })),
         }
+    }
+
+    /// The error frame for a command this session's role may not send.
+    fn forbidden(&self, what: &str, request_id: Option<Value>) -> Value {
+        let message = format!(
+            "{what} needs the {} role; this connection's token has the {} role",
+            Role::Operator,
+            self.caller.role
+        );
+        debug!(token = ?self.caller.token, command = what, "ui session command refused");
+        json!({ "type": "error", "request_id": request_id, "error": "forbidden",
+                "message": message })
     }
 
     fn subscribe(

@@ -23,6 +23,7 @@ use tokio::sync::broadcast;
 use tracing::{debug, info};
 
 use super::feed::ActivityFeed;
+use crate::auth::Role;
 use crate::http::{run_view, ApiError};
 
 /// Longest a `submit_workflow` call with a progress token follows its run, by default.
@@ -53,6 +54,21 @@ pub fn list() -> Vec<Tool> {
         }
     })
     .collect()
+}
+
+/// Tools a viewer may call: they only read (each carries `readOnlyHint`).
+const READ_ONLY: [&str; 3] = ["get_workflow_status", "stream_activity", "list_nodes"];
+
+/// The role a tool needs, `None` for a name that is no tool. Everything not read-only
+/// (submit, cancel, leases) takes an operator.
+pub fn required_role(name: &str) -> Option<Role> {
+    if READ_ONLY.contains(&name) {
+        Some(Role::Viewer)
+    } else if list().iter().any(|tool| tool.name == name) {
+        Some(Role::Operator)
+    } else {
+        None
+    }
 }
 
 /// The run view every run-returning tool answers with (`id`, `state`, steps, errors and
@@ -731,4 +747,28 @@ async fn stream_activity(
         })
         .collect();
     Ok(json!({"events": events, "next_cursor": next_cursor, "latest": latest}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A viewer may call exactly the tools that declare themselves read-only, so a new tool
+    /// cannot become callable by viewers without saying it only reads.
+    #[test]
+    fn viewers_get_exactly_the_read_only_tools() {
+        let tools = list();
+        assert_eq!(tools.len(), 7, "every tool definition parses");
+        for tool in tools {
+            let value = serde_json::to_value(&tool).unwrap();
+            let read_only = value["annotations"]["readOnlyHint"] == true;
+            let expected = if read_only {
+                Role::Viewer
+            } else {
+                Role::Operator
+            };
+            assert_eq!(required_role(&tool.name), Some(expected), "{}", tool.name);
+        }
+        assert_eq!(required_role("no_such_tool"), None);
+    }
 }

@@ -1,6 +1,7 @@
 //! Test support: a daemon on port 0 with simulated nodes and a temporary data directory,
 //! driven only through its HTTP and WebSocket interfaces.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,11 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub http: reqwest::Client,
+    /// Sent as a bearer token by the helpers below, when the daemon has tokens.
+    pub token: Option<String>,
+    /// What the daemon reads `[daemon] tokens` variables from (the process environment when
+    /// `None`); kept for restarts.
+    environment: Option<HashMap<String, String>>,
 }
 
 impl TestDaemon {
@@ -75,14 +81,38 @@ impl TestDaemon {
         let dir = tempfile::tempdir().expect("a temporary directory can be created");
         let config_path = dir.path().join("multiplex.toml");
         std::fs::write(&config_path, config).expect("the config file can be written");
-        Self::start_in(dir, config_path).await
+        Self::start_in(dir, config_path, None, None).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, config_path: PathBuf) -> TestDaemon {
+    /// A daemon whose `[daemon] tokens` variables are read from `environment`; the helpers
+    /// send `token`.
+    pub async fn start_with_tokens(
+        config: &str,
+        environment: &[(&str, &str)],
+        token: &str,
+    ) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("a temporary directory can be created");
+        let config_path = dir.path().join("multiplex.toml");
+        std::fs::write(&config_path, config).expect("the config file can be written");
+        let environment = environment
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        Self::start_in(dir, config_path, Some(environment), Some(token.into())).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        environment: Option<HashMap<String, String>>,
+        token: Option<String>,
+    ) -> TestDaemon {
         let options = DaemonOptions {
             config: Some(config_path.clone()),
             bind: Some("127.0.0.1:0".into()),
             data_dir: Some(dir.path().join("data")),
+            environment: environment.clone(),
+            ..DaemonOptions::default()
         };
         let daemon = DaemonThread::spawn(options).expect("the daemon starts");
         let test = TestDaemon {
@@ -90,6 +120,8 @@ impl TestDaemon {
             dir,
             config_path,
             http: reqwest::Client::new(),
+            token,
+            environment,
         };
         test.wait_nodes_available().await;
         test
@@ -101,20 +133,29 @@ impl TestDaemon {
             daemon,
             dir,
             config_path,
+            token,
+            environment,
             ..
         } = self;
         daemon.stop().await;
-        Self::start_in(dir, config_path).await
+        Self::start_in(dir, config_path, environment, token).await
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.daemon.addr)
     }
 
+    /// Adds the bearer token, if the daemon has tokens.
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self
-            .http
-            .get(self.url(path))
+            .authorized(self.http.get(self.url(path)))
             .send()
             .await
             .expect("GET is answered");
@@ -124,8 +165,7 @@ impl TestDaemon {
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = self
-            .http
-            .post(self.url(path))
+            .authorized(self.http.post(self.url(path)))
             .json(body)
             .send()
             .await
@@ -136,8 +176,7 @@ impl TestDaemon {
 
     pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
         let response = self
-            .http
-            .post(self.url(path))
+            .authorized(self.http.post(self.url(path)))
             .header("Content-Type", content_type)
             .body(body)
             .send()
@@ -205,12 +244,11 @@ impl TestDaemon {
     pub async fn activity(&self, run_id: Option<&str>) -> ActivitySocket {
         let url = format!("ws://{}/ws", self.daemon.addr);
         // Previews make activity frames larger than awc's 64 KiB default.
-        let (_response, mut socket) = awc::Client::new()
-            .ws(url)
-            .max_frame_size(16 * 1024 * 1024)
-            .connect()
-            .await
-            .expect("the WebSocket opens");
+        let mut request = awc::Client::new().ws(url).max_frame_size(16 * 1024 * 1024);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let (_response, mut socket) = request.connect().await.expect("the WebSocket opens");
         let subscribe = json!({ "type": "subscribe", "run_id": run_id, "since": 0 });
         socket
             .send(awc::ws::Message::Text(subscribe.to_string().into()))
@@ -226,6 +264,19 @@ pub struct ActivitySocket {
 }
 
 impl ActivitySocket {
+    /// Opens `url` as given, unsubscribed, with an optional bearer token; the upgrade's
+    /// refusal comes back as text, for tests of the upgrade itself.
+    pub async fn open(url: &str, bearer: Option<&str>) -> Result<ActivitySocket, String> {
+        let mut request = awc::Client::new().ws(url).max_frame_size(16 * 1024 * 1024);
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        match request.connect().await {
+            Ok((_response, socket)) => Ok(ActivitySocket { socket }),
+            Err(err) => Err(format!("{err:?}")),
+        }
+    }
+
     /// Sends a command frame.
     pub async fn send(&mut self, value: &Value) {
         self.socket
