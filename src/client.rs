@@ -42,12 +42,56 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// a wedged daemon rather than a big payload.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where the CLI reads its bearer token unless `--token-env` names another variable.
+pub const TOKEN_ENV: &str = "MULTIPLEX_TOKEN";
+
+/// A bearer token and the variable it came from (named in messages; the token never is).
+#[derive(Clone)]
+pub struct Credential {
+    secret: String,
+    pub source: String,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credential(from {})", self.source)
+    }
+}
+
+impl Credential {
+    /// The token in `named`, or in [`TOKEN_ENV`] when `None`. [`TOKEN_ENV`] unset or empty
+    /// means no token (a daemon without tokens needs none); a variable named explicitly
+    /// must hold one.
+    pub fn from_env(named: Option<&str>) -> anyhow::Result<Option<Credential>> {
+        let var = named.unwrap_or(TOKEN_ENV);
+        let secret = std::env::var(var).unwrap_or_default();
+        let secret = secret.trim();
+        if secret.is_empty() {
+            if named.is_some() {
+                anyhow::bail!("--token-env names {var}, which is not set or empty");
+            }
+            return Ok(None);
+        }
+        Ok(Some(Credential {
+            secret: secret.to_string(),
+            source: var.to_string(),
+        }))
+    }
+
+    /// The token, for an `Authorization: Bearer` header.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
 /// A handle on one daemon's REST API. Cheap to clone; clones share the connection pool.
 #[derive(Clone, Debug)]
 pub struct DaemonClient {
     /// The daemon's base URL, always ending in `/` so that routes join under any path prefix.
     base: Url,
     http: reqwest::Client,
+    /// Sent as a bearer token on every request, REST and WebSocket.
+    credential: Option<Credential>,
 }
 
 /// What went wrong talking to the daemon, with enough detail to print as-is.
@@ -79,6 +123,15 @@ pub enum DaemonError {
         /// Validation problems, each naming the node, edge and field at fault.
         issues: Vec<Issue>,
     },
+
+    /// The daemon wants a (better) token: 401 or 403. One line saying what to change.
+    #[error("the daemon refused {request}: {message} ({status}); {hint}")]
+    Auth {
+        request: String,
+        status: StatusCode,
+        message: String,
+        hint: String,
+    },
 }
 
 /// One problem the daemon found in a submitted workflow.
@@ -100,6 +153,35 @@ impl DaemonError {
             DaemonError::Api { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
+            DaemonError::Auth { .. } => false,
+        }
+    }
+
+    /// Builds the error for a 401 or 403, with a hint naming the variable to set.
+    fn auth(
+        request: String,
+        status: StatusCode,
+        body: &[u8],
+        credential: Option<&Credential>,
+    ) -> DaemonError {
+        let message = match DaemonError::from_answer(request.clone(), status, body) {
+            DaemonError::Api { message, .. } => message,
+            other => other.to_string(),
+        };
+        let hint = match (status, credential) {
+            (StatusCode::FORBIDDEN, Some(c)) => {
+                format!("the token in {} has too low a role for this", c.source)
+            }
+            (_, Some(c)) => format!("the token in {} is not one this daemon accepts", c.source),
+            (_, None) => {
+                format!("set {TOKEN_ENV} (or the variable --token-env names) to a token")
+            }
+        };
+        DaemonError::Auth {
+            request,
+            status,
+            message,
+            hint,
         }
     }
 
@@ -241,7 +323,22 @@ impl DaemonClient {
             // Building only fails when the TLS backend cannot initialise; fall back to the
             // default client so the error, if any, surfaces on the first request with its URL.
             .unwrap_or_default();
-        DaemonClient { base, http }
+        DaemonClient {
+            base,
+            http,
+            credential: None,
+        }
+    }
+
+    /// Sends `credential` as a bearer token on every request (none when `None`).
+    pub fn with_credential(mut self, credential: Option<Credential>) -> DaemonClient {
+        self.credential = credential;
+        self
+    }
+
+    /// The token this client sends, if any.
+    pub(crate) fn credential(&self) -> Option<&Credential> {
+        self.credential.as_ref()
     }
 
     /// The base URL every route is joined to (always ending in `/`).
@@ -327,6 +424,9 @@ impl DaemonClient {
         if let Some(body) = body {
             builder = builder.json(body);
         }
+        if let Some(credential) = &self.credential {
+            builder = builder.bearer_auth(credential.secret());
+        }
 
         let response = builder
             .send()
@@ -339,6 +439,10 @@ impl DaemonClient {
             .map_err(|err| self.transport_error(&request, err))?;
         tracing::debug!(%url, status = status.as_u16(), len = bytes.len(), "daemon answer");
 
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            let credential = self.credential.as_ref();
+            return Err(DaemonError::auth(request, status, &bytes, credential).into());
+        }
         if !status.is_success() {
             return Err(DaemonError::from_answer(request, status, &bytes).into());
         }

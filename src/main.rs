@@ -106,6 +106,22 @@ struct Server {
     /// The daemon's base URL.
     #[arg(long, env = "MULTIPLEX_URL", default_value = "http://127.0.0.1:7700")]
     url: Url,
+    /// The environment variable holding the daemon's bearer token [default:
+    /// MULTIPLEX_TOKEN, where unset means no token]. There is no flag for the token itself:
+    /// a command line is visible to everyone on the machine.
+    #[arg(long, value_name = "VAR")]
+    token_env: Option<String>,
+}
+
+impl Server {
+    /// A client for the daemon, sending the token if there is one.
+    fn client(&self) -> anyhow::Result<DaemonClient> {
+        Ok(DaemonClient::new(self.url.clone()).with_credential(self.credential()?))
+    }
+
+    fn credential(&self) -> anyhow::Result<Option<client::Credential>> {
+        client::Credential::from_env(self.token_env.as_deref())
+    }
 }
 
 #[derive(Subcommand)]
@@ -251,7 +267,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let workflow: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid JSON", file.display()))?;
-            let daemon = DaemonClient::new(server.url.clone());
+            let daemon = server.client()?;
             let run = daemon.submit(&workflow).await?;
             let id = run["id"].as_str().unwrap_or_default().to_string();
             // Ignore a closed pipe (`| head`): the run was submitted either way.
@@ -263,19 +279,21 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Command::Status { run, server } => {
-            let daemon = DaemonClient::new(server.url);
+            let daemon = server.client()?;
             match run {
                 Some(id) => client::print_run_table(&daemon.run(&id).await?),
                 None => client::print_runs_table(&daemon.runs(50).await?),
             }
         }
-        Command::Mcp { server } => multiplex::mcp::relay::run(&server.url).await?,
+        Command::Mcp { server } => {
+            multiplex::mcp::relay::run(&server.url, server.credential()?).await?
+        }
         Command::Cancel { run, server } => {
-            let daemon = DaemonClient::new(server.url);
+            let daemon = server.client()?;
             client::print_run_table(&daemon.cancel(&run).await?);
         }
         Command::Nodes { server } => {
-            let daemon = DaemonClient::new(server.url);
+            let daemon = server.client()?;
             client::print_nodes_table(&daemon.nodes().await?);
         }
         Command::Sim { service } => run_sim(service).await?,

@@ -212,11 +212,11 @@ impl Follower<'_> {
         let ws = awc::Client::builder()
             .timeout(self.options.connect_timeout)
             .finish();
-        let connected = ws
-            .ws(url.as_str())
-            .max_frame_size(MAX_FRAME_BYTES)
-            .connect()
-            .await;
+        let mut request = ws.ws(url.as_str()).max_frame_size(MAX_FRAME_BYTES);
+        if let Some(credential) = self.client.credential() {
+            request = request.bearer_auth(credential.secret());
+        }
+        let connected = request.connect().await;
         let mut socket = match connected {
             Ok((_, socket)) => socket,
             Err(err) => {

@@ -13,16 +13,21 @@
 //! Requests are relayed concurrently (a `submit_workflow` that follows its run does not hold
 //! up a status poll); one writer task owns stdout so lines never interleave. stdout carries
 //! only protocol messages; logs go to stderr.
+//!
+//! The bearer token (`MULTIPLEX_TOKEN`, or the variable `--token-env` names) goes on every
+//! request, so the daemon checks the same role as for an HTTP client.
 
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use url::Url;
+
+use crate::client::{Credential, TOKEN_ENV};
 
 /// Messages waiting for stdout before readers of the daemon wait.
 const OUT_CAPACITY: usize = 256;
@@ -50,10 +55,13 @@ struct Relay {
     endpoint: Url,
     session: Arc<Mutex<Session>>,
     out: mpsc::Sender<String>,
+    /// Sent as `Authorization: Bearer` on every request.
+    credential: Option<Credential>,
 }
 
-/// Relays stdin to the daemon at `daemon` until stdin closes.
-pub async fn run(daemon: &Url) -> Result<(), RelayError> {
+/// Relays stdin to the daemon at `daemon` until stdin closes, with `credential` as the
+/// bearer token when there is one.
+pub async fn run(daemon: &Url, credential: Option<Credential>) -> Result<(), RelayError> {
     let endpoint = daemon
         .join(super::PATH.trim_start_matches('/'))
         .map_err(|err| RelayError::Url(daemon.clone(), err))?;
@@ -77,6 +85,7 @@ pub async fn run(daemon: &Url) -> Result<(), RelayError> {
         endpoint,
         session: Arc::default(),
         out,
+        credential,
     };
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut in_flight = tokio::task::JoinSet::new();
@@ -122,6 +131,13 @@ impl Relay {
             HeaderValue::from_static("application/json, text/event-stream"),
         );
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(credential) = &self.credential {
+            let bearer = format!("Bearer {}", credential.secret());
+            if let Ok(mut value) = HeaderValue::from_str(&bearer) {
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+        }
         let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let params = message.get("params");
         let meta_version = params
@@ -201,6 +217,14 @@ impl Relay {
                     self.emit(value.to_string()).await;
                 }
                 _ if status.is_success() => {}
+                _ if id.is_some() && matches!(status.as_u16(), 401 | 403) => {
+                    let hint = match &self.credential {
+                        Some(credential) => format!("check the token in {}", credential.source),
+                        None => format!("set {TOKEN_ENV} to a token of this daemon"),
+                    };
+                    let message = format!("the daemon answered {status}: {}; {hint}", body.trim());
+                    self.fail(id, message).await
+                }
                 _ if id.is_some() => {
                     self.fail(id, format!("the daemon answered {status}: {}", body.trim()))
                         .await

@@ -385,3 +385,138 @@ tokens = [{ env = "MULTIPLEX_TEST_UNSET_TOKEN", role = "viewer" }]
         "{text}"
     );
 }
+
+/// Runs the `multiplex` binary with `stdin`, `token` in MULTIPLEX_TOKEN (none when `None`)
+/// and nothing else of ours from the environment.
+fn cli(args: &[&str], token: Option<&str>, stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_multiplex"));
+    command
+        .args(args)
+        .env_remove("MULTIPLEX_TOKEN")
+        .env_remove("MULTIPLEX_URL")
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(token) = token {
+        command.env("MULTIPLEX_TOKEN", token);
+    }
+    let mut child = command.spawn().expect("the CLI starts");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    input
+        .write_all(stdin.as_bytes())
+        .expect("stdin takes the input");
+    drop(input);
+    child.wait_with_output().expect("the CLI ends")
+}
+
+/// The CLI's error output as one string, asserting it is a single line.
+fn one_line_error(output: &std::process::Output) -> String {
+    assert!(!output.status.success(), "the command should fail");
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[actix_rt::test]
+async fn the_cli_sends_its_token_and_says_plainly_when_refused() {
+    let test = guarded_daemon().await;
+    let url = test.url("");
+    let workflow = test.dir.path().join("invert.json");
+    std::fs::write(&workflow, invert().to_string()).unwrap();
+    let workflow = workflow.to_str().unwrap();
+
+    let nodes = cli(&["nodes", "--url", &url], Some(VIEWER), "");
+    assert!(nodes.status.success(), "{nodes:?}");
+    assert!(String::from_utf8_lossy(&nodes.stdout).contains("img-a"));
+
+    let text = one_line_error(&cli(&["status", "--url", &url], None, ""));
+    assert!(
+        text.contains("401") && text.contains("MULTIPLEX_TOKEN"),
+        "{text}"
+    );
+    let text = one_line_error(&cli(&["nodes", "--url", &url], Some("guess"), ""));
+    assert!(
+        text.contains("401") && text.contains("not one this daemon"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("guess"),
+        "the token is never printed: {text}"
+    );
+    let text = one_line_error(&cli(&["submit", workflow, "--url", &url], Some(VIEWER), ""));
+    assert!(text.contains("403") && text.contains("operator"), "{text}");
+    let text = one_line_error(&cli(&["cancel", "x", "--url", &url], Some(VIEWER), ""));
+    assert!(text.contains("403"), "{text}");
+    let args = [
+        "nodes",
+        "--url",
+        &url,
+        "--token-env",
+        "TEST_UNSET_CLI_TOKEN",
+    ];
+    let text = one_line_error(&cli(&args, Some(OPERATOR), ""));
+    assert!(text.contains("TEST_UNSET_CLI_TOKEN"), "{text}");
+
+    let args = ["submit", workflow, "--wait", "--url", &url];
+    let submitted = cli(&args, Some(OPERATOR), "");
+    assert!(submitted.status.success(), "{submitted:?}");
+
+    test.daemon.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_stdio_relay_forwards_the_token() {
+    let test = guarded_daemon().await;
+    let url = test.url("");
+    let input = [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "auth-test", "version": "0"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        tool_call(2, "list_nodes", json!({})),
+        tool_call(3, "submit_workflow", json!({"workflow": invert()})),
+    ]
+    .iter()
+    .map(|message| format!("{message}\n"))
+    .collect::<String>();
+    let answers = |token: Option<&str>| -> Vec<Value> {
+        let output = cli(&["mcp", "--url", &url], token, &input);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    };
+    let by_id = |answers: &[Value], id: u64| -> Value {
+        answers
+            .iter()
+            .find(|answer| answer["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no answer {id} in {answers:?}"))
+    };
+
+    let viewer = answers(Some(VIEWER));
+    assert!(
+        by_id(&viewer, 1)["result"]["serverInfo"].is_object(),
+        "{viewer:?}"
+    );
+    assert_ne!(by_id(&viewer, 2)["result"]["isError"], true, "{viewer:?}");
+    let refused = by_id(&viewer, 3);
+    assert_eq!(
+        refused["result"]["structuredContent"]["error"], "forbidden",
+        "{refused}"
+    );
+
+    let anonymous = answers(None);
+    let error = by_id(&anonymous, 1)["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("401") && error.contains("MULTIPLEX_TOKEN"),
+        "{error}"
+    );
+
+    test.daemon.stop().await;
+}
