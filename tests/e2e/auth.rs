@@ -520,3 +520,130 @@ async fn the_stdio_relay_forwards_the_token() {
 
     test.daemon.stop().await;
 }
+
+/// A daemon process logging at debug level, so every request has its span and MCP its
+/// lines: whatever a client sends, the tokens never show in what it writes.
+#[actix_rt::test]
+async fn tokens_never_reach_the_logs() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("multiplex.toml");
+    let tokens = r#"
+[daemon]
+tokens = [{ env = "TEST_OPERATOR_TOKEN", role = "operator" },
+          { env = "TEST_VIEWER_TOKEN", role = "viewer" }]
+"#;
+    std::fs::write(&config, cluster_config(1, tokens)).unwrap();
+    let log_path = dir.path().join("daemon.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_multiplex"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("TEST_OPERATOR_TOKEN", OPERATOR)
+        .env("TEST_VIEWER_TOKEN", VIEWER)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("the daemon process starts");
+    let mut child = KillOnDrop(child);
+    let stdout = child.0.stdout.take().unwrap();
+    let base = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            line.strip_prefix(multiplex::harness::READY_PREFIX)
+                .map(|url| url.trim_end_matches('/').to_string())
+        })
+        .expect("the daemon announces its address");
+    let http = reqwest::Client::new();
+
+    let submitted: Value = http
+        .post(format!("{base}/api/workflows"))
+        .bearer_auth(OPERATOR)
+        .json(&invert())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run_url = format!("{base}/api/workflows/{}", submitted["id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + crate::util::PATIENCE;
+    let run = loop {
+        let run: Value = http
+            .get(&run_url)
+            .bearer_auth(VIEWER)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if run["state"] == "succeeded" {
+            break run;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never ended: {run}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let artifact = run["steps"][0]["artifacts"][0]["url"].as_str().unwrap();
+    let image = http
+        .get(format!("{base}{artifact}?access_token={VIEWER}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(image.status(), 200);
+    let misplaced = http
+        .get(format!("{run_url}?access_token={OPERATOR}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(misplaced.status(), 401);
+    let ws = format!(
+        "ws://{}/ws?since=0&access_token={VIEWER}",
+        &base["http://".len()..]
+    );
+    let mut socket = ActivitySocket::open(&ws, None)
+        .await
+        .expect("the socket opens");
+    socket.send(&json!({"type": "subscribe"})).await;
+    socket.until(|m| m["type"] == "subscribed").await;
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "auth-test", "version": "0"}}});
+    let mcp = http
+        .post(format!("{base}/mcp"))
+        .bearer_auth(VIEWER)
+        .header("accept", ACCEPT_BOTH)
+        .json(&initialize)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mcp.status(), 200);
+    drop(socket);
+
+    drop(child);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("refused: no valid token"),
+        "the refusal was logged (so the check below saw request spans): {log}"
+    );
+    for secret in [OPERATOR, VIEWER] {
+        assert!(!log.contains(secret), "a token is in the log:\n{log}");
+    }
+}
+
+/// Our own child process, killed by its handle however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
