@@ -430,7 +430,9 @@ mod tests {
     #[test]
     fn a_sound_config_passes() {
         validate(&parse(GOOD_NODE)).unwrap();
-        validate(&parse(&embedded_text("cluster.example.toml").unwrap())).unwrap();
+        let example = parse(&embedded_text("cluster.example.toml").unwrap());
+        validate(&example).unwrap();
+        assert_eq!(example.daemon.tokens.len(), 2, "the example shows tokens");
         let (file, source) = load(None).unwrap();
         validate(&file).unwrap();
         templates(&file, &source).unwrap();
