@@ -14,7 +14,7 @@ use crate::config::{self, Simulators, DEFAULT_BIND, DEFAULT_DATA_DIR};
 use crate::http;
 
 /// What the command line may override.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct DaemonOptions {
     /// A config file; the embedded default when absent.
     pub config: Option<PathBuf>,
@@ -27,6 +27,20 @@ pub struct DaemonOptions {
     /// Where the `[daemon] tokens` variables are read: the process environment when `None`.
     /// Tests pass a map instead of changing the environment of a multi-threaded process.
     pub environment: Option<HashMap<String, String>>,
+}
+
+/// By hand: `environment` holds tokens, so only its names are shown.
+impl std::fmt::Debug for DaemonOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Option<Vec<&String>> = self.environment.as_ref().map(|m| m.keys().collect());
+        f.debug_struct("DaemonOptions")
+            .field("config", &self.config)
+            .field("bind", &self.bind)
+            .field("data_dir", &self.data_dir)
+            .field("allow_open", &self.allow_open)
+            .field("environment", &names)
+            .finish()
+    }
 }
 
 /// A started daemon. Dropping it does not stop it; call [`RunningDaemon::stop`].
