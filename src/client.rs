@@ -33,7 +33,9 @@ use serde_json::Value;
 use url::Url;
 
 pub use follow::follow_run;
-pub use render::{print_nodes_table, print_run_summary, print_run_table, print_runs_table};
+pub use render::{
+    print_nodes_table, print_run_summary, print_run_table, print_runs_table, print_tunnels_table,
+};
 
 /// How long to wait for a TCP connection to the daemon before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -379,6 +381,14 @@ impl DaemonClient {
         self.send(Method::GET, url, None)
             .await
             .context("listing nodes")
+    }
+
+    /// The daemon's SSH tunnels (`GET /api/tunnels`).
+    pub async fn tunnels(&self) -> anyhow::Result<Value> {
+        let url = self.url(&["api", "tunnels"]);
+        self.send(Method::GET, url, None)
+            .await
+            .context("listing tunnels")
     }
 
     /// Asks the daemon to cancel a run; answers the run's view after the request.

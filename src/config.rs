@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use multiplex_actors::config::{
-    ClusterConfig, ComfyServiceConfig, FlowConfig, GpuConfig, LangflowServiceConfig, NodeConfig,
-    DEFAULT_NODE_GRACE_MS,
+    ClusterConfig, ComfyServiceConfig, FlowConfig, ForwardConfig, GpuConfig, LangflowServiceConfig,
+    NodeConfig, SshConfig, SshHop, TunnelTiming, DEFAULT_NODE_GRACE_MS,
 };
 use multiplex_actors::workflow::TemplateLibrary;
 use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
@@ -113,12 +113,88 @@ pub struct NodeSection {
     pub comfyui: Option<ComfySection>,
     #[serde(default)]
     pub langflow: Option<LangflowSection>,
+    /// Reach the box through an SSH tunnel (see docs/tunnels.md).
+    #[serde(default)]
+    pub ssh: Option<SshSection>,
+}
+
+/// `[nodes.ssh]`: the box's SSH server, the forwards opened through it, and optionally a
+/// jump host and timings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshSection {
+    pub host: String,
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    pub user: String,
+    pub key_file: PathBuf,
+    /// Environment variable holding the key file's passphrase, if it has one.
+    pub passphrase_env: Option<String>,
+    pub known_hosts: PathBuf,
+    /// Accept (and pin, with a logged fingerprint) a host key known_hosts lacks.
+    #[serde(default)]
+    pub accept_unknown_host_keys: bool,
+    /// A server the session is opened through, like `ssh -J`.
+    pub jump: Option<SshHopSection>,
+    pub forwards: Vec<ForwardSection>,
+    #[serde(default)]
+    pub timing: TunnelTiming,
+}
+
+impl SshSection {
+    /// The box's own server, in the form a jump host is written in.
+    fn hop(&self) -> SshHopSection {
+        SshHopSection {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            key_file: self.key_file.clone(),
+            passphrase_env: self.passphrase_env.clone(),
+            known_hosts: self.known_hosts.clone(),
+            accept_unknown_host_keys: self.accept_unknown_host_keys,
+        }
+    }
+}
+
+/// One SSH server: where, who, which key, which known_hosts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshHopSection {
+    pub host: String,
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    pub user: String,
+    pub key_file: PathBuf,
+    /// Environment variable holding the key file's passphrase, if it has one.
+    pub passphrase_env: Option<String>,
+    pub known_hosts: PathBuf,
+    /// Accept (and pin, with a logged fingerprint) a host key known_hosts lacks.
+    #[serde(default)]
+    pub accept_unknown_host_keys: bool,
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+
+/// `[[nodes.ssh.forwards]]`: a local port carried to `remote` as the box sees it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSection {
+    pub name: String,
+    /// `host:port` as seen from the box, e.g. `127.0.0.1:8188`.
+    pub remote: String,
+    /// Local port on 127.0.0.1; 0 (the default) picks a free one.
+    #[serde(default)]
+    pub local_port: u16,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComfySection {
     pub url: Option<Url>,
+    /// Reach this ComfyUI through the `[nodes.ssh]` forward of this name.
+    pub forward: Option<String>,
     /// Run a simulator for this node instead of reaching a real ComfyUI.
     pub simulate: Option<ComfySimConfig>,
     #[serde(default)]
@@ -131,6 +207,8 @@ pub struct ComfySection {
 #[serde(deny_unknown_fields)]
 pub struct LangflowSection {
     pub url: Option<Url>,
+    /// Reach this LangFlow through the `[nodes.ssh]` forward of this name.
+    pub forward: Option<String>,
     /// Run a simulator for this node instead of reaching a real LangFlow.
     pub simulate: Option<LangflowSimConfig>,
     /// Environment variable holding the LangFlow API key.
@@ -239,6 +317,46 @@ pub fn validate(file: &ConfigFile) -> anyhow::Result<()> {
         if let Some(langflow) = &node.langflow {
             check_scheme(name, "langflow", langflow.url.as_ref())?;
         }
+        check_forwards(node)?;
+    }
+    Ok(())
+}
+
+/// Forward names are unique within a node, and a service's `forward` names one of them.
+fn check_forwards(node: &NodeSection) -> anyhow::Result<()> {
+    let name = &node.name;
+    let forwards: Vec<&str> = node
+        .ssh
+        .iter()
+        .flat_map(|ssh| ssh.forwards.iter().map(|f| f.name.as_str()))
+        .collect();
+    for (index, forward) in forwards.iter().enumerate() {
+        if forwards[..index].contains(forward) {
+            bail!("node {name}: [[nodes.ssh.forwards]] name {forward:?} appears twice");
+        }
+    }
+    let wanted = [
+        (
+            "comfyui",
+            node.comfyui.as_ref().and_then(|c| c.forward.as_ref()),
+        ),
+        (
+            "langflow",
+            node.langflow.as_ref().and_then(|l| l.forward.as_ref()),
+        ),
+    ];
+    for (service, forward) in wanted {
+        let Some(forward) = forward else { continue };
+        if node.ssh.is_none() {
+            bail!("node {name}: [nodes.{service}] forward = {forward:?} needs a [nodes.ssh]");
+        }
+        if !forwards.contains(&forward.as_str()) {
+            bail!(
+                "node {name}: [nodes.{service}] forward = {forward:?} names no forward of \
+                 [nodes.ssh] (known: {})",
+                forwards.join(", ")
+            );
+        }
     }
     Ok(())
 }
@@ -290,6 +408,10 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
             Some(section) => Some(resolve_langflow(node, section, &mut sims).await?),
             None => None,
         };
+        let ssh = match &node.ssh {
+            Some(section) => Some(resolve_ssh(&node.name, section)?),
+            None => None,
+        };
         nodes.push(NodeConfig {
             name: node.name.clone(),
             host: node.host.clone(),
@@ -298,6 +420,7 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
             slots: node.slots,
             comfyui,
             langflow,
+            ssh,
         });
     }
     let config = ClusterConfig {
@@ -318,9 +441,10 @@ async fn resolve_comfy(
     section: &ComfySection,
     sims: &mut Simulators,
 ) -> anyhow::Result<ComfyServiceConfig> {
-    let url = match (&section.url, &section.simulate) {
-        (Some(url), None) => url.clone(),
-        (None, Some(sim)) => {
+    let url = match (&section.url, &section.simulate, &section.forward) {
+        (Some(url), None, None) => url.clone(),
+        (None, None, Some(_)) => forwarded_url(),
+        (None, Some(sim), None) => {
             let mut sim = sim.clone();
             if sim.models.is_empty() {
                 sim.models = section.models.clone();
@@ -340,7 +464,7 @@ async fn resolve_comfy(
             url
         }
         _ => bail!(
-            "node {}: [nodes.comfyui] needs exactly one of `url` and `simulate`",
+            "node {}: [nodes.comfyui] needs exactly one of `url`, `simulate` and `forward`",
             node.name
         ),
     };
@@ -348,6 +472,7 @@ async fn resolve_comfy(
         url,
         capabilities: section.capabilities.clone(),
         models: section.models.clone(),
+        forward: section.forward.clone(),
     })
 }
 
@@ -365,9 +490,10 @@ async fn resolve_langflow(
         })?),
         None => None,
     };
-    let url = match (&section.url, &section.simulate) {
-        (Some(url), None) => url.clone(),
-        (None, Some(sim)) => {
+    let url = match (&section.url, &section.simulate, &section.forward) {
+        (Some(url), None, None) => url.clone(),
+        (None, None, Some(_)) => forwarded_url(),
+        (None, Some(sim), None) => {
             let mut sim = sim.clone();
             if sim.api_key.is_none() {
                 sim.api_key = api_key.clone();
@@ -384,7 +510,7 @@ async fn resolve_langflow(
             url
         }
         _ => bail!(
-            "node {}: [nodes.langflow] needs exactly one of `url` and `simulate`",
+            "node {}: [nodes.langflow] needs exactly one of `url`, `simulate` and `forward`",
             node.name
         ),
     };
@@ -392,6 +518,63 @@ async fn resolve_langflow(
         url,
         api_key,
         flows: section.flows.clone(),
+        forward: section.forward.clone(),
+    })
+}
+
+/// A forwarded service's URL until the cluster binds the forward and puts its local port in.
+fn forwarded_url() -> Url {
+    Url::parse("http://127.0.0.1/").expect("a literal URL parses")
+}
+
+/// `[nodes.ssh]` into the actors' form, reading passphrases from the environment.
+fn resolve_ssh(node: &str, section: &SshSection) -> anyhow::Result<SshConfig> {
+    let mut forwards = Vec::new();
+    for forward in &section.forwards {
+        let (host, port) = forward
+            .remote
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .with_context(|| {
+                format!(
+                    "node {node}: [[nodes.ssh.forwards]] {:?} has remote {:?}; \
+                     write it as host:port, e.g. 127.0.0.1:8188",
+                    forward.name, forward.remote
+                )
+            })?;
+        forwards.push(ForwardConfig {
+            name: forward.name.clone(),
+            remote_host: host.trim_matches(['[', ']']).to_string(),
+            remote_port: port,
+            local_port: forward.local_port,
+        });
+    }
+    Ok(SshConfig {
+        target: resolve_hop(node, "[nodes.ssh]", &section.hop())?,
+        jump: match &section.jump {
+            Some(jump) => Some(resolve_hop(node, "[nodes.ssh] jump", jump)?),
+            None => None,
+        },
+        forwards,
+        timing: section.timing.clone(),
+    })
+}
+
+fn resolve_hop(node: &str, place: &str, hop: &SshHopSection) -> anyhow::Result<SshHop> {
+    let key_passphrase = match &hop.passphrase_env {
+        Some(var) => Some(std::env::var(var).with_context(|| {
+            format!("node {node}: {place} passphrase_env names {var}, which is not set")
+        })?),
+        None => None,
+    };
+    Ok(SshHop {
+        host: hop.host.clone(),
+        port: hop.port,
+        user: hop.user.clone(),
+        key_file: hop.key_file.clone(),
+        key_passphrase,
+        known_hosts: hop.known_hosts.clone(),
+        accept_unknown_host_keys: hop.accept_unknown_host_keys,
     })
 }
 

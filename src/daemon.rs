@@ -103,7 +103,7 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
     info!(config = %source, nodes = cluster_config.nodes.len(), data_dir = %data_dir.display(),
         "configuration loaded");
 
-    let cluster = Cluster::start(cluster_config, templates, store);
+    let cluster = Cluster::start(cluster_config, templates, store)?;
     let resumed = cluster.resume_unfinished()?;
     if resumed > 0 {
         info!(runs = resumed, "resumed unfinished runs");

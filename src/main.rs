@@ -74,6 +74,11 @@ enum Command {
         #[command(flatten)]
         server: Server,
     },
+    /// Show the daemon's SSH tunnels: state, since when, reconnects, channels, bytes moved.
+    Tunnels {
+        #[command(flatten)]
+        server: Server,
+    },
     /// Serve MCP over stdio, relayed to a running daemon's /mcp (for MCP clients that
     /// spawn their servers; see docs/mcp.md).
     Mcp {
@@ -295,6 +300,10 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Nodes { server } => {
             let daemon = server.client()?;
             client::print_nodes_table(&daemon.nodes().await?);
+        }
+        Command::Tunnels { server } => {
+            let daemon = DaemonClient::new(server.url);
+            client::print_tunnels_table(&daemon.tunnels().await?);
         }
         Command::Sim { service } => run_sim(service).await?,
         Command::Soak { runs, kills, seed } => {

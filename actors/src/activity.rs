@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use crate::artifact::ArtifactMeta;
 use crate::store::{RunState, StepError, StepState};
+use crate::tunnel::LinkState;
 
 /// How many recent events the hub keeps for subscribers that ask for history.
 pub const HISTORY_LEN: usize = 2048;
@@ -79,6 +80,14 @@ pub enum Activity {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A node's SSH tunnel changed state (`connecting`, `up`, `down`, `failed`).
+    TunnelState {
+        node: String,
+        state: LinkState,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        reconnects: u32,
+    },
 }
 
 impl Activity {
@@ -91,7 +100,7 @@ impl Activity {
             | Activity::StepProgress { run_id, .. }
             | Activity::StepPreview { run_id, .. }
             | Activity::StepNotice { run_id, .. } => Some(run_id),
-            Activity::NodeState { .. } => None,
+            Activity::NodeState { .. } | Activity::TunnelState { .. } => None,
         }
     }
 }

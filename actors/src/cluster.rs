@@ -15,6 +15,7 @@ use crate::node::GpuNode;
 use crate::run::{CancelWorkflow, RunRegistry, RunServices, Snapshot, WorkflowRun};
 use crate::scheduler::{LeasesChanged, ListNodes, NodeView, RegisterNode, Scheduler};
 use crate::store::{RunRecord, RunState, Store, StoreError};
+use crate::tunnel::{self, GetTunnel, Tunnel, TunnelError, TunnelView};
 use crate::workflow::{plan_workflow, Catalog, TemplateLibrary, ValidationIssue};
 
 /// Why a request about runs could not be served.
@@ -32,6 +33,15 @@ pub enum ClusterError {
     ActorGone(&'static str),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// Boxed: tunnel errors carry paths and sources, and only startup returns them.
+    #[error(transparent)]
+    Tunnel(Box<TunnelError>),
+}
+
+impl From<TunnelError> for ClusterError {
+    fn from(err: TunnelError) -> ClusterError {
+        ClusterError::Tunnel(Box::new(err))
+    }
 }
 
 /// Handle to the running cluster; cheap to clone.
@@ -40,12 +50,25 @@ pub struct Cluster {
     services: RunServices,
     config: Arc<ClusterConfig>,
     leases: LeaseBook,
+    tunnels: Arc<Vec<Addr<Tunnel>>>,
 }
 
 impl Cluster {
-    /// Starts the scheduler, the activity hub and one node actor per configured node, all
-    /// under supervision. Must be called inside a running actix system.
-    pub fn start(config: ClusterConfig, templates: TemplateLibrary, store: Store) -> Cluster {
+    /// Starts the scheduler, the activity hub, one node actor per configured node and one
+    /// tunnel actor per node reached through SSH, all under supervision. Must be called
+    /// inside a running actix system. Fails only when a forward's local port cannot be
+    /// bound (or a service names a forward its node lacks).
+    pub fn start(
+        mut config: ClusterConfig,
+        templates: TemplateLibrary,
+        store: Store,
+    ) -> Result<Cluster, ClusterError> {
+        // Forwards are bound first: the services' URLs point at their local ends.
+        let mut bound = tunnel::prepare(&mut config.nodes)?;
+        // Tunnels share one arbiter (thread) of their own, so encryption and pumping run
+        // beside the daemon's actors rather than between them.
+        let tunnel_arbiter = (!bound.is_empty()).then(Arbiter::new);
+        let mut tunnels = Vec::new();
         let hub = Supervisor::start(|_| ActivityHub::default());
         let grace = std::time::Duration::from_millis(config.node_grace_ms);
         let leases = LeaseBook::default();
@@ -58,6 +81,16 @@ impl Cluster {
             let addr = Supervisor::start(move |_| {
                 GpuNode::new(node_config, sched, hub_addr, files, grace)
             });
+            if let (Some(ssh), Some(arbiter), Some(listeners)) = (
+                node.ssh.clone(),
+                tunnel_arbiter.as_ref(),
+                bound.remove(&node.name),
+            ) {
+                let (name, gpu_node, hub_addr) = (node.name.clone(), addr.clone(), hub.clone());
+                tunnels.push(Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                    Tunnel::new(name, ssh, listeners, gpu_node, hub_addr)
+                }));
+            }
             scheduler.do_send(RegisterNode {
                 config: node.clone(),
                 addr,
@@ -71,11 +104,12 @@ impl Cluster {
             hub,
             registry: RunRegistry::default(),
         };
-        Cluster {
+        Ok(Cluster {
             services,
             config: Arc::new(config),
             leases,
-        }
+            tunnels: Arc::new(tunnels),
+        })
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -170,6 +204,16 @@ impl Cluster {
             .send(ListNodes)
             .await
             .map_err(|_| ClusterError::ActorGone("scheduler"))
+    }
+
+    /// Every SSH tunnel with its state, counters and forwards, in config order.
+    pub async fn tunnels(&self) -> Result<Vec<TunnelView>, ClusterError> {
+        let asked = self.tunnels.iter().map(|tunnel| tunnel.send(GetTunnel));
+        let answers = futures_util::future::join_all(asked).await;
+        answers
+            .into_iter()
+            .map(|answer| answer.map_err(|_| ClusterError::ActorGone("tunnel")))
+            .collect()
     }
 
     /// Reserves nodes that fit the request, among those available now.

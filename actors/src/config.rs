@@ -5,6 +5,7 @@
 //! secret is a value. Nothing here reads files or the environment.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -51,6 +52,10 @@ pub struct NodeConfig {
     pub comfyui: Option<ComfyServiceConfig>,
     #[serde(default)]
     pub langflow: Option<LangflowServiceConfig>,
+    /// How the daemon reaches the box through SSH, when it does: the node's services whose
+    /// `forward` names one of this tunnel's forwards are reached at its local end.
+    #[serde(default)]
+    pub ssh: Option<SshConfig>,
 }
 
 impl NodeConfig {
@@ -89,6 +94,10 @@ pub struct ComfyServiceConfig {
     /// Model files the node has, used to prefer nodes with a template's model.
     #[serde(default)]
     pub models: Vec<String>,
+    /// The SSH forward (by name) this service is reached through; its `url`'s host and port
+    /// are then replaced by the forward's local end when the cluster starts.
+    #[serde(default)]
+    pub forward: Option<String>,
 }
 
 /// A LangFlow instance on a node.
@@ -102,6 +111,9 @@ pub struct LangflowServiceConfig {
     /// or any alias a `langflow` step may name).
     #[serde(default)]
     pub flows: BTreeMap<String, FlowConfig>,
+    /// The SSH forward (by name) this service is reached through, as for ComfyUI.
+    #[serde(default)]
+    pub forward: Option<String>,
 }
 
 /// How to call one LangFlow flow.
@@ -113,4 +125,88 @@ pub struct FlowConfig {
     /// through a `files` tweak. Needed only by flows that take files, e.g. visual narration.
     #[serde(default)]
     pub file_component: Option<String>,
+}
+
+/// One SSH server on the way to a box: address, identity, and how its host key is checked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SshHop {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// The private key the daemon authenticates with (OpenSSH or PEM format).
+    pub key_file: PathBuf,
+    /// The key file's passphrase, already read from the environment. Never logged or shown.
+    #[serde(default, skip_serializing)]
+    pub key_passphrase: Option<String>,
+    /// The known_hosts file the server's host key must be listed in.
+    pub known_hosts: PathBuf,
+    /// Accept a host key that known_hosts does not list (never a changed one), pinning it
+    /// for the daemon's lifetime. Off unless the config says so; logged with the
+    /// fingerprint whenever it happens.
+    #[serde(default)]
+    pub accept_unknown_host_keys: bool,
+}
+
+/// An SSH tunnel to a box: the session, the forwards opened through it and its timings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SshConfig {
+    /// The box's SSH server.
+    pub target: SshHop,
+    /// A server the session to `target` is opened through (`ssh -J`).
+    #[serde(default)]
+    pub jump: Option<SshHop>,
+    pub forwards: Vec<ForwardConfig>,
+    #[serde(default)]
+    pub timing: TunnelTiming,
+}
+
+/// A local listener whose connections are carried to a port on (or beside) the box.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardConfig {
+    /// What services refer to it by, e.g. `comfyui`.
+    pub name: String,
+    /// Host the SSH server connects to, as seen from the box (usually `127.0.0.1`).
+    pub remote_host: String,
+    pub remote_port: u16,
+    /// Local port on 127.0.0.1; 0 picks a free one when the cluster starts (kept across
+    /// reconnects).
+    #[serde(default)]
+    pub local_port: u16,
+}
+
+/// Timeouts, liveness and backoff of a tunnel, in milliseconds. The defaults declare a
+/// black-holed link dead within about a minute.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunnelTiming {
+    /// TCP connect, SSH handshake and authentication together.
+    pub connect_timeout_ms: u64,
+    /// A keepalive is sent after this long without hearing from the server...
+    pub keepalive_interval_ms: u64,
+    /// ...and the session is declared dead after this many go unanswered.
+    pub keepalive_max: usize,
+    /// How often a channel is opened through the session to prove it carries traffic.
+    pub probe_interval_ms: u64,
+    /// Longest wait for a direct-tcpip channel to open (probe or forwarded connection).
+    pub channel_open_timeout_ms: u64,
+    /// Longest wait for one write to either side of a forwarded connection.
+    pub write_timeout_ms: u64,
+    /// First wait before reconnecting; doubles (with jitter) up to the cap.
+    pub backoff_initial_ms: u64,
+    pub backoff_cap_ms: u64,
+}
+
+impl Default for TunnelTiming {
+    fn default() -> TunnelTiming {
+        TunnelTiming {
+            connect_timeout_ms: 15_000,
+            keepalive_interval_ms: 15_000,
+            keepalive_max: 3,
+            probe_interval_ms: 15_000,
+            channel_open_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
+            backoff_initial_ms: 200,
+            backoff_cap_ms: 30_000,
+        }
+    }
 }

@@ -9,6 +9,8 @@
 //! - [`scheduler`]: the `Scheduler` actor; it places each task on the best node.
 //! - [`node`]: the `GpuNode` actor, one per configured box, which drives its services through
 //!   the protocol clients in [`comfyui`] and [`langflow`].
+//! - [`tunnel`]: the `Tunnel` actor, one per node reached through SSH: session, local
+//!   forwards, keepalive and reconnection.
 //! - [`activity`]: the `ActivityHub` actor, fanning live events out to every subscriber.
 //! - [`store`]: the sled store for runs and steps, and the content-addressed artifact files.
 //! - [`config`]: the cluster description the daemon is started with.
@@ -28,4 +30,5 @@ pub mod run;
 pub mod scheduler;
 pub mod store;
 pub mod task;
+pub mod tunnel;
 pub mod workflow;

@@ -52,6 +52,15 @@ pub struct RunTask(pub Task);
 #[rtype(result = "()")]
 pub struct AbortTask(pub TaskKey);
 
+/// The node's SSH tunnel came up or went down (sent by its [`crate::tunnel::Tunnel`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TunnelLink {
+    pub up: bool,
+    /// Why it is down, when it is.
+    pub reason: Option<String>,
+}
+
 /// The ComfyUI event socket is open and has delivered its first status frame.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -125,6 +134,8 @@ pub struct GpuNode {
     /// How long running tasks wait for the node to come back before they are given up here
     /// (and placed elsewhere by the scheduler).
     grace: Duration,
+    /// For a node reached through a tunnel: why the tunnel is down, `None` while it is up.
+    tunnel_down: Option<String>,
 }
 
 impl GpuNode {
@@ -151,6 +162,7 @@ impl GpuNode {
             client: LangflowClient::new(service.url.clone(), service.api_key.clone()),
             last_probe: Err("not probed yet".into()),
         });
+        let tunnel_down = config.ssh.as_ref().map(|_| "tunnel connecting".to_string());
         GpuNode {
             config,
             scheduler,
@@ -166,11 +178,15 @@ impl GpuNode {
             reported: None,
             away_since: None,
             grace,
+            tunnel_down,
         }
     }
 
     /// Available when every configured service answers (and ComfyUI's socket is open).
     fn availability(&self) -> (bool, Option<String>) {
+        if let Some(reason) = &self.tunnel_down {
+            return (false, Some(reason.clone()));
+        }
         if let Some(comfy) = &self.comfy {
             if let Some(reason) = &comfy.gave_up {
                 return (false, Some(format!("comfyui: {reason}")));
@@ -546,6 +562,28 @@ impl Handler<AbortTask> for GpuNode {
 
     fn handle(&mut self, AbortTask(key): AbortTask, ctx: &mut Self::Context) {
         self.abort(key, ctx);
+    }
+}
+
+impl Handler<TunnelLink> for GpuNode {
+    type Result = ();
+
+    /// Down: unavailable at once (running tasks wait within the grace period, as for any
+    /// absence). Up: probe and reopen the event socket now rather than at the next tick.
+    fn handle(&mut self, TunnelLink { up, reason }: TunnelLink, ctx: &mut Self::Context) {
+        self.tunnel_down = if up {
+            None
+        } else {
+            Some(reason.unwrap_or_else(|| "tunnel down".into()))
+        };
+        if up {
+            if let Some(comfy) = self.comfy.as_mut() {
+                comfy.reconnect_delay = RECONNECT_INITIAL;
+            }
+            self.probe_health(ctx);
+            self.open_socket(ctx);
+        }
+        self.report();
     }
 }
 

@@ -36,6 +36,10 @@ pub fn print_nodes_table(nodes: &Value) {
     emit(&nodes_table(nodes));
 }
 
+pub fn print_tunnels_table(tunnels: &Value) {
+    emit(&tunnels_table(tunnels));
+}
+
 /// Prints a finished run: its state, each step's node, timings and error, and every artifact
 /// as its URL under `base` plus, when `data_dir` is given, where the daemon stores the file
 /// (`data_dir/artifacts/<first 2 chars of id>/<id>`), for a CLI on the daemon's machine.
@@ -120,6 +124,62 @@ pub(crate) fn run_table(run: &Value) -> String {
     }
     let _ = write!(out, "\n{table}");
     out
+}
+
+pub(crate) fn tunnels_table(tunnels: &Value) -> String {
+    let tunnels = items(tunnels, "tunnels");
+    if tunnels.is_empty() {
+        return "no tunnels configured".to_owned();
+    }
+    let mut table = new_table(&[
+        "NODE",
+        "TARGET",
+        "STATE",
+        "SINCE",
+        "RECONNECTS",
+        "CHANNELS",
+        "SENT",
+        "RECEIVED",
+        "FORWARDS",
+        "LAST ERROR",
+    ]);
+    for tunnel in tunnels {
+        let forwards: Vec<String> = view::list(tunnel, "forwards")
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {} -> {}",
+                    view::cell(f, "name"),
+                    view::cell(f, "local"),
+                    view::cell(f, "remote")
+                )
+            })
+            .collect();
+        let bytes = |key| view::count(tunnel, key).map_or(MISSING.to_owned(), view::size);
+        let channels = match (
+            view::count(tunnel, "open_channels"),
+            view::count(tunnel, "channel_failures"),
+        ) {
+            (Some(open), Some(0) | None) => format!("{open} open"),
+            (Some(open), Some(failed)) => format!("{open} open, {failed} failed"),
+            _ => MISSING.to_owned(),
+        };
+        let error = view::text(tunnel, "last_error")
+            .map_or(MISSING.to_owned(), |e| view::truncate(&e, ERROR_CELL_CHARS));
+        table.add_row(vec![
+            view::cell(tunnel, "node"),
+            view::cell(tunnel, "target"),
+            view::cell(tunnel, "state"),
+            view::timestamp(tunnel, "since"),
+            view::cell(tunnel, "reconnects"),
+            channels,
+            bytes("bytes_sent"),
+            bytes("bytes_received"),
+            forwards.join("\n"),
+            error,
+        ]);
+    }
+    table.to_string()
 }
 
 pub(crate) fn nodes_table(nodes: &Value) -> String {

@@ -22,6 +22,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/workflows/{id}", web::get().to(get_run))
             .route("/workflows/{id}/cancel", web::post().to(cancel))
             .route("/nodes", web::get().to(nodes))
+            .route("/tunnels", web::get().to(tunnels))
             .route("/health", web::get().to(health))
             .route("/artifacts/{id}", web::get().to(artifact)),
     );
@@ -94,6 +95,11 @@ async fn cancel(
 async fn nodes(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {
     let nodes = cluster.nodes().await?;
     Ok(HttpResponse::Ok().json(json!({ "nodes": nodes })))
+}
+
+async fn tunnels(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {
+    let tunnels = cluster.tunnels().await?;
+    Ok(HttpResponse::Ok().json(json!({ "tunnels": tunnels })))
 }
 
 /// Open to anyone for liveness; the cluster summary only with a token (or on an open

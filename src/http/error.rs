@@ -107,7 +107,7 @@ impl From<ClusterError> for ApiError {
             ClusterError::Lease(LeaseError::NotEnoughNodes { .. }) => {
                 ApiError::Conflict(err.to_string())
             }
-            ClusterError::Store(_) | ClusterError::ActorGone(_) => {
+            ClusterError::Store(_) | ClusterError::ActorGone(_) | ClusterError::Tunnel(_) => {
                 error!(error = %err, "request failed inside the daemon");
                 ApiError::Internal(err.to_string())
             }

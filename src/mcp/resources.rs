@@ -95,7 +95,9 @@ pub fn known(uri: &str) -> bool {
 /// The resource URIs an event changes.
 pub fn affected(event: &ActivityEvent) -> Vec<String> {
     match &event.activity {
-        Activity::NodeState { .. } => vec![CLUSTER_STATUS.to_string()],
+        Activity::NodeState { .. } | Activity::TunnelState { .. } => {
+            vec![CLUSTER_STATUS.to_string()]
+        }
         Activity::RunSubmitted { run_id, .. }
         | Activity::RunState { run_id, .. }
         | Activity::StepState { run_id, .. } => {

@@ -1,0 +1,152 @@
+//! Tunnels under faults: the SSH server dying mid-run, host keys that do not match, a key
+//! the server refuses.
+
+use serde_json::{json, Value};
+
+use super::sshd::Sshd;
+use super::util::{self, step};
+use super::*;
+
+/// An image step slow enough to be running when the server is killed.
+fn slow_image() -> Value {
+    json!({
+        "name": "slow still",
+        "nodes": [
+            {"id": "brief", "type": "intent", "data": {"prompt": "a lighthouse at dusk"}},
+            {"id": "still", "type": "image", "data": {"steps": 40, "seed": 3}},
+            {"id": "deliver", "type": "output", "data": {}}
+        ],
+        "edges": [
+            {"id": "e1", "source": "brief", "target": "still"},
+            {"id": "e2", "source": "still", "target": "deliver"}
+        ]
+    })
+}
+
+#[actix_rt::test]
+async fn the_tunnel_reconnects_after_sshd_is_killed_and_the_run_completes() {
+    let mut sshd = Sshd::start();
+    let comfy = comfy_sim(50).await;
+    let config = format!(
+        "[templates]\nimage = \"flux-txt2img\"\n{}",
+        comfy_node("gpu", &sshd, comfy.addr(), &[])
+    );
+    let daemon = daemon(&config);
+    daemon.wait_nodes_available().await;
+
+    let id = daemon.submit(&slow_image()).await;
+    daemon
+        .wait_run(&id, |run| step(run, "still")["state"] == "running")
+        .await;
+
+    sshd.kill();
+    let down = wait_tunnel(&daemon, "gpu", |t| t["state"] != "up").await;
+    assert!(down["last_error"].is_string(), "{down}");
+    sshd.restart();
+
+    let run = daemon.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let view = wait_tunnel(&daemon, "gpu", |t| t["state"] == "up").await;
+    assert!(view["reconnects"].as_u64() >= Some(1), "{view}");
+    daemon.daemon.stop().await;
+}
+
+#[actix_rt::test]
+async fn host_keys_not_in_known_hosts_are_refused_naming_the_fingerprint() {
+    let mut changed = Sshd::start();
+    changed.change_host_key();
+    let unknown = Sshd::start();
+    let empty = unknown.dir.path().join("empty_known_hosts");
+    std::fs::write(&empty, "").unwrap();
+    let comfy = comfy_sim(1).await;
+    let forwards = [("comfyui", comfy.addr())];
+    let node = |name: &str, sshd: &Sshd, known_hosts: &std::path::Path, extra: &str| {
+        format!(
+            "[[nodes]]\nname = \"{name}\"\n[nodes.comfyui]\nforward = \"comfyui\"\n{}",
+            ssh_section(sshd, &sshd.client_key, known_hosts, &forwards, extra)
+        )
+    };
+    let config = [
+        node("changed", &changed, &changed.known_hosts, ""),
+        node("unknown", &unknown, &empty, ""),
+        node(
+            "opted-in",
+            &unknown,
+            &empty,
+            "accept_unknown_host_keys = true",
+        ),
+    ]
+    .join("\n");
+    let daemon = daemon(&config);
+
+    let view = wait_tunnel(&daemon, "changed", |t| t["state"] == "failed").await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("has changed"), "{view}");
+    assert!(error.contains(&changed.fingerprint()), "{view}");
+    assert!(
+        error.contains(&format!("127.0.0.1:{}", changed.port)),
+        "{view}"
+    );
+
+    let view = wait_tunnel(&daemon, "unknown", |t| t["state"] == "failed").await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("is not in"), "{view}");
+    assert!(error.contains(&unknown.fingerprint()), "{view}");
+
+    // The same unknown key is accepted where the config opts in, and the node serves.
+    wait_tunnel(&daemon, "opted-in", |t| t["state"] == "up").await;
+    let id = daemon.submit(&util::example("invert.json")).await;
+    let run = daemon.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(step(&run, "invert")["node"], "opted-in", "{run}");
+
+    // Refusals are final: one attempt each, however long the daemon has been running.
+    for node in ["changed", "unknown"] {
+        let view = tunnel(&daemon, node).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        assert_eq!(view["attempts"], 1, "{view}");
+    }
+    daemon.daemon.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_refused_client_key_fails_once_without_retrying() {
+    let refusing = Sshd::start();
+    let good = Sshd::start();
+    let comfy = comfy_sim(1).await;
+    let forwards = [("comfyui", comfy.addr())];
+    // Backoff of a millisecond: a retry loop would show as many attempts at once.
+    let timing_overrides = "";
+    let config = format!(
+        "[[nodes]]\nname = \"refused\"\n[nodes.comfyui]\nforward = \"comfyui\"\n{}\n{}",
+        ssh_section(
+            &refusing,
+            &refusing.stranger_key(),
+            &refusing.known_hosts,
+            &forwards,
+            timing_overrides
+        )
+        .replace("backoff_initial_ms = 50", "backoff_initial_ms = 1")
+        .replace("backoff_cap_ms = 500", "backoff_cap_ms = 1"),
+        comfy_node("good", &good, comfy.addr(), &[]),
+    );
+    let daemon = daemon(&config);
+
+    let view = wait_tunnel(&daemon, "refused", |t| t["state"] == "failed").await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused the key"), "{view}");
+    assert!(error.contains("stranger_ed25519"), "{view}");
+
+    // Let real work happen meanwhile on the other node, then look again.
+    wait_tunnel(&daemon, "good", |t| t["state"] == "up").await;
+    let id = daemon.submit(&util::example("invert.json")).await;
+    let run = daemon.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let view = tunnel(&daemon, "refused").await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert_eq!(view["attempts"], 1, "{view}");
+    // The server saw the readiness check and one tunnel attempt, nothing more.
+    let log = refusing.log();
+    assert_eq!(log.matches("Connection from").count(), 2, "{log}");
+    daemon.daemon.stop().await;
+}
