@@ -128,7 +128,8 @@ pub struct FlowConfig {
 }
 
 /// One SSH server on the way to a box: address, identity, and how its host key is checked.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Its `Debug` leaves the passphrase out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SshHop {
     pub host: String,
     pub port: u16,
@@ -145,6 +146,21 @@ pub struct SshHop {
     /// fingerprint whenever it happens.
     #[serde(default)]
     pub accept_unknown_host_keys: bool,
+}
+
+impl std::fmt::Debug for SshHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let passphrase = self.key_passphrase.as_ref().map(|_| "<redacted>");
+        f.debug_struct("SshHop")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("key_file", &self.key_file)
+            .field("key_passphrase", &passphrase)
+            .field("known_hosts", &self.known_hosts)
+            .field("accept_unknown_host_keys", &self.accept_unknown_host_keys)
+            .finish()
+    }
 }
 
 /// An SSH tunnel to a box: the session, the forwards opened through it and its timings.
@@ -208,5 +224,30 @@ impl Default for TunnelTiming {
             backoff_initial_ms: 200,
             backoff_cap_ms: 30_000,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ssh_hop_shows_no_passphrase_in_debug_or_json() {
+        let hop = SshHop {
+            host: "192.0.2.15".into(),
+            port: 22,
+            user: "multiplex".into(),
+            key_file: "/etc/multiplex/id_ed25519".into(),
+            key_passphrase: Some("hunter2".into()),
+            known_hosts: "/etc/multiplex/known_hosts".into(),
+            accept_unknown_host_keys: false,
+        };
+        let debug = format!("{hop:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("<redacted>"),
+            "{debug}"
+        );
+        let json = serde_json::to_string(&hop).unwrap();
+        assert!(!json.contains("hunter2"), "{json}");
     }
 }

@@ -150,3 +150,63 @@ async fn a_refused_client_key_fails_once_without_retrying() {
     assert_eq!(log.matches("Connection from").count(), 2, "{log}");
     daemon.daemon.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_black_holed_session_is_declared_dead_and_replaced() {
+    let sshd = Sshd::start();
+    let comfy = comfy_sim(1).await;
+    let daemon = daemon(&comfy_node("gpu", &sshd, comfy.addr(), &[]));
+    wait_tunnel(&daemon, "gpu", |t| t["state"] == "up").await;
+    daemon.wait_nodes_available().await;
+
+    // The session's server process stops answering, but nothing closes: only keepalives
+    // and the probe can tell.
+    sshd.signal_sessions("-STOP");
+    let down = wait_tunnel(&daemon, "gpu", |t| t["state"] != "up").await;
+    assert!(down["last_error"].is_string(), "{down}");
+    let (_, nodes) = daemon.get("/api/nodes").await;
+    assert_eq!(nodes["nodes"][0]["available"], false, "{nodes}");
+    assert!(
+        nodes["nodes"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tunnel"),
+        "{nodes}"
+    );
+    // Leave the frozen session be (it is killed with the server): a new one comes up.
+    let view = wait_tunnel(&daemon, "gpu", |t| t["state"] == "up").await;
+    assert!(view["reconnects"].as_u64() >= Some(1), "{view}");
+    daemon.wait_nodes_available().await;
+    daemon.daemon.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_key_with_a_passphrase_from_the_environment_opens_and_the_secret_stays_hidden() {
+    const VAR: &str = "MULTIPLEX_TEST_TUNNEL_PASSPHRASE";
+    const SECRET: &str = "correct horse battery staple";
+    let sshd = Sshd::start();
+    let key = sshd.passphrase_key(SECRET);
+    std::env::set_var(VAR, SECRET);
+    let comfy = comfy_sim(1).await;
+    let config = format!(
+        "[[nodes]]\nname = \"gpu\"\n[nodes.comfyui]\nforward = \"comfyui\"\n\
+         capabilities = [\"image\"]\n{}",
+        ssh_section(
+            &sshd,
+            &key,
+            &sshd.known_hosts,
+            &[("comfyui", comfy.addr())],
+            &format!("passphrase_env = \"{VAR}\"")
+        )
+    );
+    let daemon = daemon(&config);
+    daemon.wait_nodes_available().await;
+    for path in ["/api/tunnels", "/api/nodes"] {
+        let (_, body) = daemon.get(path).await;
+        assert!(
+            !body.to_string().contains(SECRET),
+            "{path} shows the passphrase: {body}"
+        );
+    }
+    daemon.daemon.stop().await;
+}

@@ -198,3 +198,43 @@ async fn a_workflow_runs_entirely_through_tunnels() {
     }
     daemon.daemon.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_session_through_a_jump_host_carries_the_forwards() {
+    // The server is its own jump host: the session to it runs inside a direct-tcpip
+    // channel of a first session to it, as `ssh -J` would do.
+    let sshd = Sshd::start();
+    let comfy = comfy_sim(1).await;
+    let jump = format!(
+        "jump = {{ host = \"127.0.0.1\", port = {}, user = \"{}\", key_file = \"{}\", \
+         known_hosts = \"{}\" }}",
+        sshd.port,
+        sshd.user,
+        sshd.client_key.display(),
+        sshd.known_hosts.display()
+    );
+    let config = format!(
+        "[[nodes]]\nname = \"gpu\"\n[nodes.comfyui]\nforward = \"comfyui\"\n\
+         capabilities = [\"image\"]\n{}",
+        ssh_section(
+            &sshd,
+            &sshd.client_key,
+            &sshd.known_hosts,
+            &[("comfyui", comfy.addr())],
+            &jump
+        )
+    );
+    let daemon = daemon(&config);
+    daemon.wait_nodes_available().await;
+    let view = tunnel(&daemon, "gpu").await;
+    assert_eq!(
+        view["jump"],
+        format!("{}@127.0.0.1:{}", sshd.user, sshd.port),
+        "{view}"
+    );
+
+    let id = daemon.submit(&util::example("invert.json")).await;
+    let run = daemon.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    daemon.daemon.stop().await;
+}

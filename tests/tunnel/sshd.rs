@@ -215,6 +215,36 @@ impl Sshd {
         let _ = child.wait();
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) every session process, leaving the listener
+    /// alone: a frozen session is a black-holed link, silent but not closed.
+    pub fn signal_sessions(&self, signal: &str) {
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        let pids: Vec<String> = descendants(child.id()).iter().map(u32::to_string).collect();
+        if pids.is_empty() {
+            return;
+        }
+        let _ = Command::new("kill").arg(signal).args(&pids).status();
+    }
+
+    /// Adds a key protected by `passphrase` to authorized_keys and returns its path.
+    pub fn passphrase_key(&self, passphrase: &str) -> PathBuf {
+        let path = self.dir.path().join("locked_ed25519");
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", passphrase, "-f"])
+            .arg(&path)
+            .status()
+            .expect("ssh-keygen runs");
+        assert!(status.success());
+        let public = std::fs::read_to_string(path.with_extension("pub")).expect("public key");
+        let authorized = self.dir.path().join("authorized_keys");
+        let mut keys = std::fs::read_to_string(&authorized).unwrap_or_default();
+        keys.push_str(&public);
+        std::fs::write(&authorized, keys).expect("authorized_keys written");
+        path
+    }
+
     /// Starts the server again on the same port.
     pub fn restart(&mut self) {
         self.kill();
