@@ -391,6 +391,35 @@ fn tables_render_sample_answers() {
 }
 
 #[test]
+fn tunnels_table_shows_state_channels_bytes_forwards_and_error() {
+    let tunnels = json!({"tunnels": [
+        {"node": "box5", "target": "multiplex@192.0.2.15:22", "state": "up",
+         "since": "2025-01-31T14:00:00Z", "reconnects": 2, "open_channels": 3,
+         "channel_failures": 1, "bytes_sent": 2048, "bytes_received": 5_242_880,
+         "forwards": [{"name": "comfyui", "local": "127.0.0.1:40001",
+                       "remote": "127.0.0.1:8188"}]},
+        {"node": "box6", "target": "multiplex@192.0.2.16:22", "state": "failed",
+         "last_error": "host key of 192.0.2.16:22 has changed", "forwards": []},
+    ]});
+    let table = render::tunnels_table(&tunnels);
+    for needle in [
+        "box5",
+        "multiplex@192.0.2.15:22",
+        "3 open, 1 failed",
+        "5.0 MiB",
+        "comfyui 127.0.0.1:40001 -> 127.0.0.1:8188",
+        "failed",
+        "has changed",
+    ] {
+        assert!(table.contains(needle), "{needle} missing in\n{table}");
+    }
+    assert_eq!(
+        render::tunnels_table(&json!({"tunnels": []})),
+        "no tunnels configured"
+    );
+}
+
+#[test]
 fn summary_names_each_artifact_by_url_and_path() {
     let mut run = view("succeeded", "succeeded", Some("box1"));
     run["steps"][0]["finished_at"] = json!("2025-01-31T14:00:20Z");
@@ -427,6 +456,7 @@ fn odd_json_renders_dashes_instead_of_panicking() {
         render::runs_table(&odd);
         render::run_table(&odd);
         render::nodes_table(&odd);
+        render::tunnels_table(&odd);
         let summary = render::run_summary(&odd, &base, Some(dir));
         assert!(!summary.contains("../x"), "{summary}");
     }

@@ -178,11 +178,14 @@ async fn a_workflow_runs_entirely_through_tunnels() {
     let daemon = daemon(&config);
     daemon.wait_nodes_available().await;
 
-    // The services are known to the daemon only by the tunnels' local ends.
-    let (_, nodes) = daemon.get("/api/nodes").await;
-    assert!(
-        !nodes.to_string().contains(&comfy.addr().port().to_string()),
-        "{nodes}"
+    // The config names no service address, only forwards: the simulators' ports reach
+    // the daemon only as the forwards' remote ends, and it talks to the local ones.
+    let view = tunnel(&daemon, "gpu").await;
+    assert_ne!(local_end(&view, "comfyui"), comfy.addr(), "{view}");
+    assert_eq!(
+        view["forwards"][0]["remote"],
+        comfy.addr().to_string(),
+        "{view}"
     );
 
     let id = daemon.submit(&util::example("lighthouse.json")).await;
