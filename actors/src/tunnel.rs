@@ -286,7 +286,8 @@ impl Tunnel {
 
     /// Records a state change, tells the node and the activity stream.
     fn set_state(&mut self, state: LinkState, error: Option<String>) {
-        let changed = self.state != state || self.last_error != error;
+        // The very first attempt is news too, though the tunnel starts out `connecting`.
+        let changed = self.state != state || self.last_error != error || self.attempts == 1;
         self.state = state;
         if error.is_some() {
             self.last_error = error.clone();

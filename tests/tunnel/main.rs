@@ -192,6 +192,28 @@ async fn a_workflow_runs_entirely_through_tunnels() {
     let run = daemon.wait_end(&id).await;
     assert_eq!(run["state"], "succeeded", "{run}");
 
+    // Each tunnel's connecting and coming up are in the activity stream (its history).
+    let mut activity = daemon.activity(None).await;
+    let tunnel_event = |m: &Value, node: &str, state: &str| {
+        m["type"] == "tunnel_state" && m["node"] == node && m["state"] == state
+    };
+    let ups = std::cell::Cell::new(0);
+    let seen = activity
+        .until(|m| {
+            if tunnel_event(m, "gpu", "up") || tunnel_event(m, "llm", "up") {
+                ups.set(ups.get() + 1);
+            }
+            ups.get() == 2
+        })
+        .await;
+    for node in ["gpu", "llm"] {
+        assert!(
+            seen.iter().any(|m| tunnel_event(m, node, "connecting")),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|m| tunnel_event(m, node, "up")), "{seen:?}");
+    }
+
     for node in ["gpu", "llm"] {
         let view = tunnel(&daemon, node).await;
         assert_eq!(view["state"], "up", "{view}");
