@@ -736,6 +736,86 @@ mod tests {
         }
     }
 
+    const SSH_NODE: &str = r#"
+        [[nodes]]
+        name = "box5"
+        [nodes.comfyui]
+        forward = "comfyui"
+        capabilities = ["image"]
+        [nodes.ssh]
+        host = "192.0.2.15"
+        user = "multiplex"
+        key_file = "/etc/multiplex/id_ed25519"
+        known_hosts = "/etc/multiplex/known_hosts"
+        jump = { host = "192.0.2.1", user = "jump", key_file = "/k", known_hosts = "/kh" }
+        [nodes.ssh.timing]
+        keepalive_interval_ms = 5000
+        [[nodes.ssh.forwards]]
+        name = "comfyui"
+        remote = "127.0.0.1:8188"
+        local_port = 18188
+    "#;
+
+    #[test]
+    fn an_ssh_node_resolves_with_its_forwards_jump_and_timings() {
+        let file = parse(SSH_NODE);
+        validate(&file).unwrap();
+        let ssh = resolve_ssh("box5", file.nodes[0].ssh.as_ref().unwrap()).unwrap();
+        assert_eq!(ssh.target.port, 22, "the port defaults to 22");
+        assert_eq!(ssh.jump.as_ref().map(|j| j.user.as_str()), Some("jump"));
+        assert_eq!(ssh.timing.keepalive_interval_ms, 5000);
+        assert_eq!(
+            ssh.timing.keepalive_max, 3,
+            "unset timings keep their defaults"
+        );
+        let forward = &ssh.forwards[0];
+        assert_eq!(
+            (
+                forward.remote_host.as_str(),
+                forward.remote_port,
+                forward.local_port
+            ),
+            ("127.0.0.1", 8188, 18188)
+        );
+    }
+
+    #[test]
+    fn forwards_that_do_not_add_up_are_refused_naming_node_and_forward() {
+        let text = refusal(&SSH_NODE.replace("forward = \"comfyui\"", "forward = \"comfy\""));
+        assert!(
+            text.contains("node box5")
+                && text.contains("\"comfy\"")
+                && text.contains("known: comfyui"),
+            "{text}"
+        );
+
+        let doubled = format!(
+            "{SSH_NODE}\n        [[nodes.ssh.forwards]]\n        name = \"comfyui\"\n        \
+             remote = \"127.0.0.1:8189\""
+        );
+        assert!(
+            refusal(&doubled).contains("appears twice"),
+            "{}",
+            refusal(&doubled)
+        );
+
+        let text = refusal(
+            r#"[[nodes]]
+            name = "box6"
+            [nodes.comfyui]
+            forward = "comfyui""#,
+        );
+        assert!(text.contains("needs a [nodes.ssh]"), "{text}");
+
+        let file = parse(&SSH_NODE.replace("127.0.0.1:8188", "127.0.0.1"));
+        let err = resolve_ssh("box5", file.nodes[0].ssh.as_ref().unwrap()).unwrap_err();
+        assert!(format!("{err:#}").contains("host:port"), "{err:#}");
+
+        // Typos in the section are refused, not ignored.
+        let typo = SSH_NODE.replace("known_hosts = \"/etc", "known_host = \"/etc");
+        assert!(toml::from_str::<ConfigFile>(&typo).is_err());
+    }
+
     #[actix_rt::test]
     async fn resolve_refuses_before_starting_anything() {
         let file = parse(
