@@ -391,6 +391,14 @@ impl DaemonClient {
             .context("listing tunnels")
     }
 
+    /// Makes a node's tunnel start over (`POST /api/tunnels/{node}/reconnect`).
+    pub async fn reconnect_tunnel(&self, node: &str) -> anyhow::Result<Value> {
+        let url = self.url(&["api", "tunnels", node, "reconnect"]);
+        self.send(Method::POST, url, None)
+            .await
+            .with_context(|| format!("reconnecting the tunnel of {node}"))
+    }
+
     /// Asks the daemon to cancel a run; answers the run's view after the request.
     pub async fn cancel(&self, id: &str) -> anyhow::Result<Value> {
         let url = self.url(&["api", "workflows", id, "cancel"]);

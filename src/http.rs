@@ -10,6 +10,7 @@
 //! | POST | /api/workflows/{id}/cancel     | cancel a run; 409 when it has already ended        |
 //! | GET  | /api/nodes                     | nodes with availability, slots and capabilities    |
 //! | GET  | /api/tunnels                   | SSH tunnels: state, since, reconnects, bytes moved  |
+//! | POST | /api/tunnels/{node}/reconnect  | restart a node's tunnel (also a failed one)        |
 //! | GET  | /api/health                    | liveness and a summary of the cluster              |
 //! | GET  | /api/artifacts/{id}            | an artifact's content (Content-Type, Range)        |
 //! | GET  | /ws                            | WebSocket: live activity, submit and cancel        |

@@ -76,6 +76,9 @@ enum Command {
     },
     /// Show the daemon's SSH tunnels: state, since when, reconnects, channels, bytes moved.
     Tunnels {
+        /// Make this node's tunnel start over first (also a failed one).
+        #[arg(long, value_name = "NODE")]
+        reconnect: Option<String>,
         #[command(flatten)]
         server: Server,
     },
@@ -301,8 +304,11 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             let daemon = server.client()?;
             client::print_nodes_table(&daemon.nodes().await?);
         }
-        Command::Tunnels { server } => {
+        Command::Tunnels { reconnect, server } => {
             let daemon = DaemonClient::new(server.url);
+            if let Some(node) = reconnect {
+                daemon.reconnect_tunnel(&node).await?;
+            }
             client::print_tunnels_table(&daemon.tunnels().await?);
         }
         Command::Sim { service } => run_sim(service).await?,

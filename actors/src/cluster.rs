@@ -15,7 +15,7 @@ use crate::node::GpuNode;
 use crate::run::{CancelWorkflow, RunRegistry, RunServices, Snapshot, WorkflowRun};
 use crate::scheduler::{LeasesChanged, ListNodes, NodeView, RegisterNode, Scheduler};
 use crate::store::{RunRecord, RunState, Store, StoreError};
-use crate::tunnel::{self, GetTunnel, Tunnel, TunnelError, TunnelView};
+use crate::tunnel::{self, GetTunnel, Reconnect, Tunnel, TunnelError, TunnelView};
 use crate::workflow::{plan_workflow, Catalog, TemplateLibrary, ValidationIssue};
 
 /// Why a request about runs could not be served.
@@ -25,6 +25,8 @@ pub enum ClusterError {
     Invalid(Vec<ValidationIssue>),
     #[error("no run with id {0}")]
     NotFound(String),
+    #[error("node {0} has no SSH tunnel")]
+    NoTunnel(String),
     #[error("run {id} has already ended ({state:?})")]
     AlreadyEnded { id: String, state: RunState },
     #[error(transparent)]
@@ -50,7 +52,8 @@ pub struct Cluster {
     services: RunServices,
     config: Arc<ClusterConfig>,
     leases: LeaseBook,
-    tunnels: Arc<Vec<Addr<Tunnel>>>,
+    /// Each SSH-reached node's tunnel, by node name, in config order.
+    tunnels: Arc<Vec<(String, Addr<Tunnel>)>>,
 }
 
 impl Cluster {
@@ -87,9 +90,10 @@ impl Cluster {
                 bound.remove(&node.name),
             ) {
                 let (name, gpu_node, hub_addr) = (node.name.clone(), addr.clone(), hub.clone());
-                tunnels.push(Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                let tunnel = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
                     Tunnel::new(name, ssh, listeners, gpu_node, hub_addr)
-                }));
+                });
+                tunnels.push((node.name.clone(), tunnel));
             }
             scheduler.do_send(RegisterNode {
                 config: node.clone(),
@@ -208,12 +212,27 @@ impl Cluster {
 
     /// Every SSH tunnel with its state, counters and forwards, in config order.
     pub async fn tunnels(&self) -> Result<Vec<TunnelView>, ClusterError> {
-        let asked = self.tunnels.iter().map(|tunnel| tunnel.send(GetTunnel));
+        let asked = self
+            .tunnels
+            .iter()
+            .map(|(_, tunnel)| tunnel.send(GetTunnel));
         let answers = futures_util::future::join_all(asked).await;
         answers
             .into_iter()
             .map(|answer| answer.map_err(|_| ClusterError::ActorGone("tunnel")))
             .collect()
+    }
+
+    /// Makes a node's tunnel start over (also out of `failed`); answers it as it stands
+    /// once restarted.
+    pub async fn reconnect_tunnel(&self, node: &str) -> Result<TunnelView, ClusterError> {
+        let Some((_, tunnel)) = self.tunnels.iter().find(|(name, _)| name == node) else {
+            return Err(ClusterError::NoTunnel(node.to_string()));
+        };
+        let gone = |_| ClusterError::ActorGone("tunnel");
+        tunnel.send(Reconnect).await.map_err(gone)?;
+        // The supervisor restarts the actor before it handles the next message.
+        tunnel.send(GetTunnel).await.map_err(gone)
     }
 
     /// Reserves nodes that fit the request, among those available now.

@@ -19,8 +19,11 @@
 //! unavailable for new work while its running tasks wait for it within the node's grace
 //! period. The tunnel's state changes go to the activity stream.
 //!
-//! Other actors talk to it only through [`GetTunnel`]; everything SSH stays in this module
-//! and the node's configuration.
+//! [`Reconnect`] stops the actor so that its supervisor restarts it: `restarting` drops the
+//! session and resets the backoff, `started` connects again.
+//!
+//! Other actors talk to it only through [`GetTunnel`] and [`Reconnect`]; everything SSH
+//! stays in this module and the node's configuration.
 
 mod error;
 mod forward;
@@ -83,6 +86,13 @@ impl std::fmt::Display for LinkState {
 #[derive(Message)]
 #[rtype(result = "TunnelView")]
 pub struct GetTunnel;
+
+/// Start over: drop the session and connect again from a fresh backoff, also out of
+/// `failed` (after known_hosts or the key was fixed). Done by stopping the actor, so its
+/// supervisor restarts it the way it would after any stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconnect;
 
 /// The session opened (or could not be), for the actor incarnation that asked.
 #[derive(Message)]
@@ -515,6 +525,15 @@ impl Handler<GetTunnel> for Tunnel {
 
     fn handle(&mut self, _msg: GetTunnel, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.view())
+    }
+}
+
+impl Handler<Reconnect> for Tunnel {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Reconnect, ctx: &mut Self::Context) {
+        info!(node = %self.node, state = %self.state, "tunnel reconnect asked");
+        ctx.stop();
     }
 }
 

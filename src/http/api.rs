@@ -23,6 +23,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/workflows/{id}/cancel", web::post().to(cancel))
             .route("/nodes", web::get().to(nodes))
             .route("/tunnels", web::get().to(tunnels))
+            .route(
+                "/tunnels/{node}/reconnect",
+                web::post().to(reconnect_tunnel),
+            )
             .route("/health", web::get().to(health))
             .route("/artifacts/{id}", web::get().to(artifact)),
     );
@@ -100,6 +104,14 @@ async fn nodes(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {
 async fn tunnels(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {
     let tunnels = cluster.tunnels().await?;
     Ok(HttpResponse::Ok().json(json!({ "tunnels": tunnels })))
+}
+
+async fn reconnect_tunnel(
+    cluster: web::Data<Cluster>,
+    node: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let tunnel = cluster.reconnect_tunnel(&node).await?;
+    Ok(HttpResponse::Ok().json(tunnel))
 }
 
 /// Open to anyone for liveness; the cluster summary only with a token (or on an open

@@ -100,7 +100,9 @@ impl From<ClusterError> for ApiError {
     fn from(err: ClusterError) -> ApiError {
         match err {
             ClusterError::Invalid(issues) => ApiError::Invalid(issues),
-            ClusterError::NotFound(_) => ApiError::NotFound(err.to_string()),
+            ClusterError::NotFound(_) | ClusterError::NoTunnel(_) => {
+                ApiError::NotFound(err.to_string())
+            }
             ClusterError::AlreadyEnded { .. } => ApiError::Conflict(err.to_string()),
             ClusterError::Lease(LeaseError::NotFound(_)) => ApiError::NotFound(err.to_string()),
             ClusterError::Lease(LeaseError::Invalid(_)) => ApiError::BadRequest(err.to_string()),

@@ -106,6 +106,20 @@ async fn host_keys_not_in_known_hosts_are_refused_naming_the_fingerprint() {
         assert_eq!(view["state"], "failed", "{view}");
         assert_eq!(view["attempts"], 1, "{view}");
     }
+
+    // Once known_hosts lists the new key, a reconnect (an actor restart) brings it up.
+    changed.write_known_hosts();
+    let (status, view) = daemon
+        .post("/api/tunnels/changed/reconnect", &Value::Null)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["restarts"], 1, "{view}");
+    let view = wait_tunnel(&daemon, "changed", |t| t["state"] == "up").await;
+    assert_eq!(view["attempts"], 2, "{view}");
+    let (status, body) = daemon
+        .post("/api/tunnels/nobody/reconnect", &Value::Null)
+        .await;
+    assert_eq!(status, 404, "{body}");
     daemon.daemon.stop().await;
 }
 
