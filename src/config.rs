@@ -779,6 +779,36 @@ mod tests {
         );
     }
 
+    /// The examples operators copy: docs/tunnels.md's config block, and the commented
+    /// tunnel node of cluster.example.toml once uncommented.
+    #[test]
+    fn the_documented_tunnel_examples_are_valid() {
+        let doc = include_str!("../docs/tunnels.md");
+        let block = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/tunnels.md has a TOML block");
+        validate(&parse(block)).unwrap();
+
+        let example = embedded_text("cluster.example.toml").unwrap();
+        let start = example
+            .find("# [[nodes]]\n# name = \"box5\"")
+            .expect("the tunnel node");
+        let end = start + example[start..].find("#\n# A box behind NAT").unwrap();
+        let uncommented: Vec<&str> = example[start..end]
+            .lines()
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect();
+        let file = parse(&uncommented.join("\n"));
+        validate(&file).unwrap();
+        assert!(file.nodes[0]
+            .ssh
+            .as_ref()
+            .is_some_and(|ssh| ssh.jump.is_some()));
+    }
+
     #[test]
     fn forwards_that_do_not_add_up_are_refused_naming_node_and_forward() {
         let text = refusal(&SSH_NODE.replace("forward = \"comfyui\"", "forward = \"comfy\""));
