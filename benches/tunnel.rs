@@ -121,6 +121,7 @@ fn main() {
             config: Some(config_path),
             bind: Some("127.0.0.1:0".into()),
             data_dir: Some(dir.path().join("data")),
+            ..DaemonOptions::default()
         })
         .unwrap();
         let local = wait_tunnel(&format!("http://{}", daemon.addr)).await;

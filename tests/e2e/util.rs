@@ -101,7 +101,27 @@ impl TestDaemon {
         Self::start_in(dir, config_path, Some(environment), Some(token.into())).await
     }
 
+    /// Starts a daemon on `config` without waiting for its nodes (some may be meant to fail).
+    #[allow(dead_code)] // used by tests/tunnel, which shares this file
+    pub fn start_unready(config: &str) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("a temporary directory can be created");
+        let config_path = dir.path().join("multiplex.toml");
+        std::fs::write(&config_path, config).expect("the config file can be written");
+        Self::spawn_in(dir, config_path, None, None)
+    }
+
     async fn start_in(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        environment: Option<HashMap<String, String>>,
+        token: Option<String>,
+    ) -> TestDaemon {
+        let test = Self::spawn_in(dir, config_path, environment, token);
+        test.wait_nodes_available().await;
+        test
+    }
+
+    fn spawn_in(
         dir: tempfile::TempDir,
         config_path: PathBuf,
         environment: Option<HashMap<String, String>>,
@@ -115,16 +135,14 @@ impl TestDaemon {
             ..DaemonOptions::default()
         };
         let daemon = DaemonThread::spawn(options).expect("the daemon starts");
-        let test = TestDaemon {
+        TestDaemon {
             daemon,
             dir,
             config_path,
             http: reqwest::Client::new(),
             token,
             environment,
-        };
-        test.wait_nodes_available().await;
-        test
+        }
     }
 
     /// Stops the daemon and starts a new one on the same config and data directory.

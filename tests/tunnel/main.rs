@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use multiplex::daemon::{DaemonOptions, DaemonThread};
 use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
 use multiplex_sim::langflow::{LangflowSim, LangflowSimConfig};
 use serde_json::Value;
@@ -110,21 +109,7 @@ pub fn langflow_node(name: &str, sshd: &Sshd, langflow: SocketAddr) -> String {
 
 /// Starts a daemon on `config` without waiting for its nodes (tunnels may be meant to fail).
 pub fn daemon(config: &str) -> TestDaemon {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let config_path = dir.path().join("multiplex.toml");
-    std::fs::write(&config_path, config).expect("the config is written");
-    let options = DaemonOptions {
-        config: Some(config_path.clone()),
-        bind: Some("127.0.0.1:0".into()),
-        data_dir: Some(dir.path().join("data")),
-    };
-    let daemon = DaemonThread::spawn(options).expect("the daemon starts");
-    TestDaemon {
-        daemon,
-        dir,
-        config_path,
-        http: reqwest::Client::new(),
-    }
+    TestDaemon::start_unready(config)
 }
 
 /// The tunnel of `node` as GET /api/tunnels shows it.
