@@ -7,6 +7,8 @@
 //!   of its [`ArtifactMeta`](crate::artifact::ArtifactMeta).
 //! - `artifacts/xx/<sha256>`: artifact contents, named by their hash (`xx` is its first two
 //!   hex digits), written through `artifacts/tmp/` and renamed into place once complete.
+//! - `store-manifest.json`: how many runs were durable at the last flush ([`manifest`]); a
+//!   store that opens with fewer has been damaged, and opening it fails.
 //!
 //! Every write that records a transition is flushed before the caller goes on, so what the
 //! daemon acknowledged or sent to a node is on disk first. Flushes are shared by every
@@ -17,12 +19,15 @@
 
 mod artifacts;
 mod group_commit;
+mod manifest;
 mod records;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use group_commit::GroupCommit;
+use manifest::ManifestFile;
 
 pub use artifacts::ArtifactFiles;
 pub use records::{RemoteRef, RunRecord, RunState, StepError, StepRecord, StepState};
@@ -40,6 +45,18 @@ pub enum StoreError {
     Db { what: String, source: sled::Error },
     #[error("store flush: {0}")]
     Flush(String),
+    #[error(
+        "the store at {path} holds {found} runs, but {recorded} were durable at its last \
+         flush ({manifest}): it looks damaged, and the daemon does not start on a store that \
+         lost runs. Move the data directory aside and restore it from a backup, or delete \
+         the manifest file to accept what is left"
+    )]
+    Damaged {
+        path: PathBuf,
+        manifest: PathBuf,
+        found: u64,
+        recorded: u64,
+    },
     #[error("stored record {key} cannot be read: {source}")]
     Corrupt {
         key: String,
@@ -56,6 +73,8 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     runs: sled::Tree,
+    /// Run records in `runs`, kept by [`Store::write_run`] for the manifest.
+    run_count: Arc<AtomicU64>,
     files: ArtifactFiles,
     commits: Arc<GroupCommit>,
 }
@@ -75,11 +94,26 @@ impl Store {
             .open()
             .map_err(open_error)?;
         let runs = db.open_tree("runs").map_err(open_error)?;
+
+        let manifest = ManifestFile::in_dir(data_dir);
+        let found = runs.len() as u64;
+        if let Some(recorded) = manifest.read().map(|m| m.runs).filter(|&n| n > found) {
+            return Err(StoreError::Damaged {
+                path: db_path.clone(),
+                manifest: manifest.path().to_path_buf(),
+                found,
+                recorded,
+            });
+        }
+        let run_count = Arc::new(AtomicU64::new(found));
+
         let artifact_index = db.open_tree("artifacts").map_err(open_error)?;
         let files = ArtifactFiles::open(data_dir.join("artifacts"), artifact_index)?;
-        let commits = GroupCommit::start(db).map_err(|err| open_error(sled::Error::Io(err)))?;
+        let commits = GroupCommit::start(db, run_count.clone(), manifest)
+            .map_err(|err| open_error(sled::Error::Io(err)))?;
         Ok(Store {
             runs,
+            run_count,
             files,
             commits: Arc::new(commits),
         })
@@ -102,12 +136,16 @@ impl Store {
             key: run.id.clone(),
             source,
         })?;
-        self.runs
+        let previous = self
+            .runs
             .insert(run.id.as_bytes(), json)
             .map_err(|source| StoreError::Db {
                 what: format!("run {}", run.id),
                 source,
             })?;
+        if previous.is_none() {
+            self.run_count.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -138,11 +176,15 @@ impl Store {
             None => self.runs.range::<Vec<u8>, _>(..),
         };
         let mut runs = Vec::new();
-        for entry in range.rev().take(limit) {
+        for entry in range.rev() {
+            if runs.len() == limit {
+                break;
+            }
             let (key, value) = entry.map_err(|source| StoreError::Db {
                 what: "run listing".into(),
                 source,
             })?;
+            // A record left out does not count against the page.
             runs.extend(decode_or_skip(&key, &value));
         }
         Ok(runs)

@@ -109,3 +109,53 @@ async fn a_store_that_cannot_be_opened_is_an_error_naming_its_path() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn a_store_that_lost_runs_to_damage_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..10 {
+            store.save_run(&record(&format!("run-{i}"))).await.unwrap();
+        }
+    }
+    // sled opens a database whose head was overwritten as an empty one, without a word.
+    let db_file = dir.path().join("db").join("db");
+    let mut bytes = std::fs::read(&db_file).unwrap();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let head = garbage.len().min(bytes.len());
+    bytes[..head].copy_from_slice(&garbage[..head]);
+    std::fs::write(&db_file, bytes).unwrap();
+
+    let message = open_error(dir.path());
+    assert!(
+        message.contains("looks damaged") && message.contains("10 were durable"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&dir.path().join("db").display().to_string()),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_sound_store_reopens_with_every_run_after_many_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.list_runs(100, None).unwrap().len(), round * 4);
+        for i in 0..4 {
+            store
+                .save_run(&record(&format!("run-{round}-{i}")))
+                .await
+                .unwrap();
+        }
+        // Rewriting a run does not count it twice.
+        store
+            .save_run(&record(&format!("run-{round}-0")))
+            .await
+            .unwrap();
+    }
+}

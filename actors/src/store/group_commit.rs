@@ -6,10 +6,13 @@
 //! I/O off the async runtime, and commits in groups: while one flush runs, every writer that
 //! arrives queues up, and the next flush answers them all at once.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
+
+use super::manifest::{Manifest, ManifestFile};
 
 /// A flush that failed, as every writer of its group sees it (`sled::Error` is not `Clone`).
 pub type FlushResult = Result<(), String>;
@@ -22,11 +25,17 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn start(db: sled::Db) -> std::io::Result<GroupCommit> {
+    /// Starts the flushing thread; after each flush it records `runs` (the store's count of
+    /// run records) in `manifest`.
+    pub fn start(
+        db: sled::Db,
+        runs: Arc<AtomicU64>,
+        manifest: ManifestFile,
+    ) -> std::io::Result<GroupCommit> {
         let (requests, queue) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("store-flush".into())
-            .spawn(move || flush_loop(&db, &queue))?;
+            .spawn(move || flush_loop(&db, &queue, &runs, &manifest))?;
         Ok(GroupCommit {
             requests: Some(requests),
             thread: Some(thread),
@@ -59,15 +68,30 @@ impl Drop for GroupCommit {
     }
 }
 
-fn flush_loop(db: &sled::Db, queue: &mpsc::Receiver<oneshot::Sender<FlushResult>>) {
+fn flush_loop(
+    db: &sled::Db,
+    queue: &mpsc::Receiver<oneshot::Sender<FlushResult>>,
+    runs: &AtomicU64,
+    manifest: &ManifestFile,
+) {
     while let Ok(first) = queue.recv() {
-        // Everyone queued by now wrote before this flush starts, so it covers them all.
+        // Everyone queued by now wrote before this flush starts, so it covers them all; so
+        // does the run count read here, which the manifest may therefore claim once durable.
         let mut group = vec![first];
         group.extend(queue.try_iter());
+        let durable_runs = runs.load(Ordering::SeqCst);
 
         let result = db.flush().map(drop).map_err(|err| err.to_string());
-        if let Err(err) = &result {
-            tracing::error!(error = %err, writers = group.len(), "store flush failed");
+        match &result {
+            Ok(()) => {
+                if let Err(err) = manifest.write(&Manifest { runs: durable_runs }) {
+                    tracing::warn!(path = %manifest.path().display(), error = %err,
+                        "cannot write the store manifest");
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, writers = group.len(), "store flush failed")
+            }
         }
         for writer in group {
             let _ = writer.send(result.clone());
