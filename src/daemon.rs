@@ -97,6 +97,10 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
     }
     .with_context(|| format!("invalid configuration in {source}"))?;
     auth::check_exposure(&bind, &tokens, options.allow_open || file.daemon.allow_open)?;
+    // Bind before any actor starts: a port in use is a plain error, and resumed runs never
+    // reach a node on behalf of a daemon that is about to fail.
+    let listener =
+        std::net::TcpListener::bind(&bind).with_context(|| format!("cannot listen on {bind}"))?;
 
     let store = Store::open(&data_dir)?;
     let (cluster_config, sims) = config::resolve(&file).await?;
@@ -111,8 +115,8 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
 
     let limits = http::Limits::from_config(&file.daemon);
     let open = tokens.is_open();
-    let (server, addr) = http::serve(cluster.clone(), &bind, limits, tokens)
-        .with_context(|| format!("cannot listen on {bind}"))?;
+    let (server, addr) = http::serve(cluster.clone(), listener, limits, tokens)
+        .with_context(|| format!("cannot serve on {bind}"))?;
     info!(%addr, open, "multiplex daemon listening");
     let handle = server.handle();
     actix_rt::spawn(server);

@@ -65,17 +65,16 @@ impl Limits {
     }
 }
 
-/// Builds the server and binds it; the caller spawns the returned future. With no `tokens`,
+/// Builds the server on a bound listener; the caller spawns the returned future. With no `tokens`,
 /// every request is an operator's (the caller decides whether that is allowed on `bind`,
 /// see [`crate::auth::check_exposure`]).
 pub fn serve(
     cluster: Cluster,
-    bind: &str,
+    listener: std::net::TcpListener,
     limits: Limits,
     tokens: Tokens,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
-    // Bind first: MCP answers carry absolute artifact links to this address.
-    let listener = std::net::TcpListener::bind(bind)?;
+    // MCP answers carry absolute artifact links to the bound address.
     let addr = listener.local_addr()?;
     let shared = crate::mcp::McpShared::new(cluster.clone(), format!("http://{addr}"));
     let mcp = crate::mcp::http_service(shared, &limits.mcp);
@@ -102,6 +101,9 @@ pub fn serve(
             )
     })
     .workers(2)
+    // The process decides when to stop (main waits for SIGINT and SIGTERM): actix's own
+    // handlers would stop this server and leave the process running without it.
+    .disable_signals()
     // WebSocket sessions never end by themselves: on shutdown, give requests in flight a
     // moment, not actix's default 30 seconds.
     .shutdown_timeout(SHUTDOWN_GRACE_SECS)

@@ -27,11 +27,16 @@ struct Cli {
 enum Command {
     /// Run the daemon (on the built-in simulated cluster unless --config names another).
     Serve {
+        /// Cluster config (TOML, see config/cluster.example.toml); the built-in simulated
+        /// four-box cluster when absent.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Listen address, e.g. 127.0.0.1:7700 (port 0 picks a free one).
+        /// Listen address, e.g. 127.0.0.1:7700 (port 0 picks a free one); overrides the
+        /// config's [daemon] bind.
         #[arg(long)]
         bind: Option<String>,
+        /// Where runs (sled) and artifacts are kept; overrides the config's [daemon]
+        /// data_dir (default ./multiplex-data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Serve without [daemon] tokens on a non-loopback address (refused otherwise).
@@ -266,7 +271,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             .await?;
             announce(daemon.addr)?;
             tracing::info!(url = %daemon.url(), "ready; press Ctrl-C to stop");
-            wait_for_ctrl_c().await?;
+            wait_for_shutdown_signal().await?;
             daemon.stop().await;
         }
         Command::Demo { data_dir, workflow } => return demo(data_dir, workflow).await,
@@ -282,7 +287,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             let _ = writeln!(std::io::stdout(), "submitted run {id}");
             if wait {
                 let finished = client::follow_run(&daemon, &id).await?;
-                client::print_run_summary(&finished, &server.url, None);
+                client::print_run_summary(&finished, Some(&server.url), None);
                 return Ok(exit_code_for(&finished));
             }
         }
@@ -305,7 +310,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             client::print_nodes_table(&daemon.nodes().await?);
         }
         Command::Tunnels { reconnect, server } => {
-            let daemon = DaemonClient::new(server.url);
+            let daemon = server.client()?;
             if let Some(node) = reconnect {
                 daemon.reconnect_tunnel(&node).await?;
             }
@@ -329,8 +334,8 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Runs a simulator until Ctrl-C. The `multiplex_sim::serve_*_forever` entry points do not
-/// say which port they bound, so this starts the stoppable servers, which do.
+/// Runs a simulator until Ctrl-C or SIGTERM. The `multiplex_sim::serve_*_forever` entry points
+/// do not say which port they bound, so this starts the stoppable servers, which do.
 async fn run_sim(service: SimService) -> anyhow::Result<()> {
     match service {
         SimService::Comfyui {
@@ -343,7 +348,7 @@ async fn run_sim(service: SimService) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             announce(sim.addr())?;
-            wait_for_ctrl_c().await?;
+            wait_for_shutdown_signal().await?;
             sim.stop().await;
         }
         SimService::Langflow {
@@ -360,7 +365,7 @@ async fn run_sim(service: SimService) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             announce(sim.addr())?;
-            wait_for_ctrl_c().await?;
+            wait_for_shutdown_signal().await?;
             sim.stop().await;
         }
     }
@@ -377,10 +382,23 @@ fn announce(addr: SocketAddr) -> anyhow::Result<()> {
         .context("cannot write the readiness line to stdout")
 }
 
-async fn wait_for_ctrl_c() -> anyhow::Result<()> {
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")
+/// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM: what systemd and `kill` send.
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).context("cannot wait for SIGTERM")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("cannot wait for Ctrl-C"),
+            _ = terminate.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot wait for Ctrl-C")
+    }
 }
 
 /// Exit 0 only when the run succeeded, so scripts can rely on `submit --wait`.
@@ -431,7 +449,8 @@ async fn demo(
     let finished = client::follow_run(&client, &id).await;
     let code = match &finished {
         Ok(run) => {
-            client::print_run_summary(run, &url, None);
+            // No links: they would point at this demo's daemon, which stops right after.
+            client::print_run_summary(run, None, None);
             let outputs = data_dir.join("outputs").join(&id);
             match export_artifacts(run, &data_dir, &outputs) {
                 Ok(files) => print_exported(&outputs, &files),
