@@ -443,7 +443,8 @@ fn describe(change: &StepChange) -> String {
     let mut text = match change.state.as_str() {
         "pending" => "waiting for inputs".to_owned(),
         "queued" => "queued".to_owned(),
-        "assigned" | "submitted" => format!("placed on {node}"),
+        "assigned" => format!("placed on {node}"),
+        "submitted" => format!("sent to {node}"),
         "running" => format!("running on {node}"),
         "succeeded" => match change.artifacts {
             Some(1) => "done, 1 artifact".to_owned(),

@@ -41,9 +41,9 @@ pub fn print_tunnels_table(tunnels: &Value) {
 }
 
 /// Prints a finished run: its state, each step's node, timings and error, and every artifact
-/// as its URL under `base` plus, when `data_dir` is given, where the daemon stores the file
+/// with its URL under `base` (when given) plus, when `data_dir` is given, where the daemon stores the file
 /// (`data_dir/artifacts/<first 2 chars of id>/<id>`), for a CLI on the daemon's machine.
-pub fn print_run_summary(run: &Value, base: &Url, data_dir: Option<&Path>) {
+pub fn print_run_summary(run: &Value, base: Option<&Url>, data_dir: Option<&Path>) {
     emit(&run_summary(run, base, data_dir));
 }
 
@@ -235,7 +235,7 @@ pub(crate) fn nodes_table(nodes: &Value) -> String {
     table.to_string()
 }
 
-pub(crate) fn run_summary(run: &Value, base: &Url, data_dir: Option<&Path>) -> String {
+pub(crate) fn run_summary(run: &Value, base: Option<&Url>, data_dir: Option<&Path>) -> String {
     let mut out = run_header(run);
 
     for step in view::list(run, "steps") {
@@ -309,7 +309,7 @@ fn write_error(out: &mut String, step: &Value) {
 }
 
 /// One artifact: what it is, then its URL and local path on their own lines for copying.
-fn write_artifact(out: &mut String, artifact: &Value, base: &Url, data_dir: Option<&Path>) {
+fn write_artifact(out: &mut String, artifact: &Value, base: Option<&Url>, data_dir: Option<&Path>) {
     let size = view::count(artifact, "size")
         .map(view::size)
         .unwrap_or_else(|| MISSING.into());
@@ -320,10 +320,10 @@ fn write_artifact(out: &mut String, artifact: &Value, base: &Url, data_dir: Opti
         view::cell(artifact, "filename"),
         view::cell(artifact, "mime"),
     );
-    let url = view::text(artifact, "url").and_then(|u| base.join(&u).ok());
-    let url = url.or_else(|| {
-        let id = view::text(artifact, "id")?;
-        base.join(&format!("api/artifacts/{id}")).ok()
+    let url = base.and_then(|base| {
+        let link = view::text(artifact, "url");
+        let link = link.or_else(|| Some(format!("api/artifacts/{}", view::text(artifact, "id")?)));
+        base.join(&link?).ok()
     });
     if let Some(url) = url {
         let _ = write!(out, "\n        {url}");

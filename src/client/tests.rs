@@ -424,7 +424,7 @@ fn summary_names_each_artifact_by_url_and_path() {
     let mut run = view("succeeded", "succeeded", Some("box1"));
     run["steps"][0]["finished_at"] = json!("2025-01-31T14:00:20Z");
     let base = url::Url::parse("http://127.0.0.1:7700/").unwrap();
-    let text = render::run_summary(&run, &base, Some(std::path::Path::new("/srv/mx")));
+    let text = render::run_summary(&run, Some(&base), Some(std::path::Path::new("/srv/mx")));
     assert!(
         text.starts_with("run r1 \"lighthouse\": succeeded, took 30.0s"),
         "{text}"
@@ -457,7 +457,7 @@ fn odd_json_renders_dashes_instead_of_panicking() {
         render::run_table(&odd);
         render::nodes_table(&odd);
         render::tunnels_table(&odd);
-        let summary = render::run_summary(&odd, &base, Some(dir));
+        let summary = render::run_summary(&odd, Some(&base), Some(dir));
         assert!(!summary.contains("../x"), "{summary}");
     }
     let bare = render::run_table(&json!({}));
@@ -484,7 +484,7 @@ fn control_characters_from_the_daemon_are_shown_escaped() {
         render::runs_table(&json!({"runs": [run.clone()]})),
         render::run_table(&run),
         render::nodes_table(&nodes),
-        render::run_summary(&run, &base, None),
+        render::run_summary(&run, Some(&base), None),
     ];
     for text in &outputs {
         let bad: Vec<char> = text
