@@ -118,6 +118,7 @@ pub struct LangflowServiceConfig {
 
 /// How to call one LangFlow flow.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FlowConfig {
     /// LangFlow's flow id (UUID) or endpoint name, used in `/api/v1/run/{id}`.
     pub id: String,

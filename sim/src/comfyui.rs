@@ -26,7 +26,7 @@ use state::Shared;
 /// How the simulated server behaves. Every field has a default, so
 /// `{"step_ms": 5}` is a complete configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ComfySimConfig {
     /// Time per sampler step and per ordinary node.
     pub step_ms: u64,

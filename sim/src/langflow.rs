@@ -44,7 +44,7 @@ impl SimFlow {
 
 /// How the simulated server behaves.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LangflowSimConfig {
     /// Required `x-api-key`; `None` accepts every request.
     pub api_key: Option<String>,

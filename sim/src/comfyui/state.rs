@@ -25,7 +25,7 @@ use super::{
 
 /// Test switches, settable in the config and through `POST /sim/control`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ComfySwitches {
     /// Fail the next N prompts with a RuntimeError `execution_error`.
     pub fail_next: u32,
