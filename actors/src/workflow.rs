@@ -25,6 +25,7 @@
 
 mod catalog;
 mod comfy_graph;
+mod depth;
 mod document;
 mod issue;
 mod plan;
@@ -37,6 +38,7 @@ mod template;
 mod tests;
 
 pub use catalog::{Catalog, Requirement, Service, GENERIC_COMFY};
+pub use depth::MAX_DEPTH;
 pub use issue::{codes, ValidationIssue};
 pub use plan::{Plan, PlannedStep, RunOptions, StepInput};
 pub use render::{ComfyJob, InputArtifact, Job, LangflowJob, RenderError, UploadSlot};
@@ -48,7 +50,8 @@ pub use template::{
 };
 
 /// Validates a submitted document against the catalog and plans it. Reports every problem
-/// at once; never panics, whatever the JSON.
+/// at once; never panics, whatever the JSON. A document nested deeper than [`MAX_DEPTH`] is
+/// refused with `too_deep` issues alone, before anything else is read.
 pub fn plan_workflow(
     document: &serde_json::Value,
     catalog: &Catalog,

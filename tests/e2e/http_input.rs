@@ -1,7 +1,7 @@
 //! Malformed requests get a 4xx that says what is wrong; nothing panics and the daemon
 //! keeps serving.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::util::{cluster_config, TestDaemon};
 
@@ -57,5 +57,77 @@ async fn malformed_wrongly_typed_and_oversized_bodies_are_refused_clearly() {
     let (status, health) = test.get("/api/health").await;
     assert_eq!(status, 200);
     assert_eq!(health["status"], "ok");
+    test.daemon.stop().await;
+}
+
+/// `levels` arrays, one inside the other, around a zero.
+fn nested(levels: usize) -> Value {
+    (0..levels).fold(json!(0), |inner, _| json!([inner]))
+}
+
+fn intent_at(position: Value) -> Value {
+    json!({"name": "deep", "nodes": [
+        {"id": "a", "type": "intent", "data": {"prompt": "x"}, "position": position}]})
+}
+
+/// A run is stored with its document a level or two deeper than sent: a document just
+/// under serde_json's 128 levels used to be accepted and then be unreadable (500 on GET,
+/// missing from the list). Anything deeper than 64 levels is refused at submit, by REST and
+/// the WebSocket alike, naming where.
+#[actix_rt::test]
+async fn documents_nested_too_deep_are_refused_and_the_deepest_allowed_reads_back() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+
+    // Root, nodes, node: `position` starts at level 4, so 61 arrays reach level 64.
+    let id = test.submit(&intent_at(nested(61))).await;
+    let run = test.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let (status, list) = test.get("/api/workflows").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["runs"][0]["id"], id.as_str(), "{list}");
+
+    for levels in [62, 124] {
+        let (status, body) = test
+            .post("/api/workflows", &intent_at(nested(levels)))
+            .await;
+        assert_eq!(status, 400, "{levels} levels: {body}");
+        let issue = &body["issues"][0];
+        assert_eq!(issue["code"], "too_deep", "{body}");
+        assert_eq!(issue["node"], "a", "{body}");
+        assert_eq!(issue["field"], "position", "{body}");
+        let message = issue["message"].as_str().unwrap_or_default();
+        assert!(message.contains("nodes[0].position"), "{body}");
+        assert!(message.contains("64 levels"), "{body}");
+    }
+
+    let graph = json!({"name": "deep graph", "nodes": [{"id": "g", "type": "comfyui", "data": {
+        "output": "image",
+        "workflow": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8,
+                  "batch_size": 1, "color": 0, "extra": nested(112)}},
+            "2": {"class_type": "SaveImage",
+                  "inputs": {"images": ["1", 0], "filename_prefix": "deep"}}}}}]});
+    let (status, body) = test.post("/api/workflows", &graph).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["issues"][0]["code"], "too_deep", "{body}");
+    assert_eq!(body["issues"][0]["node"], "g", "{body}");
+    assert_eq!(
+        body["issues"][0]["field"], "data.workflow.1.inputs.extra",
+        "{body}"
+    );
+
+    let mut socket = test.activity(None).await;
+    let submit = json!({"type": "submit", "request_id": 7, "workflow": intent_at(nested(120))});
+    socket.send(&submit).await;
+    let seen = socket.until(|message| message["request_id"] == 7).await;
+    let reply = seen.last().expect("until returns the reply");
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["issues"][0]["code"], "too_deep", "{reply}");
+    assert_eq!(reply["issues"][0]["field"], "position", "{reply}");
+
+    // Nothing refused was stored: the listing still reads, with only the accepted run.
+    let (status, list) = test.get("/api/workflows").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["runs"].as_array().map(Vec::len), Some(1), "{list}");
     test.daemon.stop().await;
 }

@@ -60,6 +60,8 @@ pub mod codes {
     /// An inline ComfyUI graph that is not in API format (e.g. a UI export).
     pub const INVALID_WORKFLOW: &str = "invalid_workflow";
     pub const NO_CAPABLE_NODE: &str = "no_capable_node";
+    /// Part of the document is nested deeper than [`crate::workflow::MAX_DEPTH`] levels.
+    pub const TOO_DEEP: &str = "too_deep";
 }
 
 /// Collects issues while a document is checked.
@@ -80,6 +82,11 @@ impl Issues {
     /// An issue about the document as a whole.
     pub(crate) fn document(&mut self, field: Option<&str>, message: impl Into<String>) {
         self.push(codes::INVALID_DOCUMENT, None, None, field, message);
+    }
+
+    /// An issue with its own code about a field of the document as a whole.
+    pub(crate) fn document_field(&mut self, code: &str, field: &str, message: impl Into<String>) {
+        self.push(code, None, None, Some(field), message);
     }
 
     /// An issue about a node, optionally one of its fields.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::catalog::{Catalog, Requirement, Service};
+use super::depth;
 use super::document::{self, RawEdge};
 use super::issue::{codes, Issues, ValidationIssue};
 use super::retry::RetryPolicy;
@@ -177,6 +178,10 @@ struct Link {
 
 pub(crate) fn plan(document: &Value, catalog: &Catalog) -> Result<Plan, Vec<ValidationIssue>> {
     let mut issues = Issues::default();
+    // Depth first, and alone: a document that could not be stored is not worth reading.
+    if !depth::check(document, &mut issues) {
+        return Err(issues.into_vec());
+    }
     let Some(doc) = document::read(document, &mut issues) else {
         return Err(issues.into_vec());
     };
