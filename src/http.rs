@@ -16,6 +16,9 @@
 //! | GET  | /ws                            | WebSocket: live activity, submit and cancel        |
 //! | POST, GET, DELETE | /mcp          | MCP Streamable HTTP (see [`crate::mcp`])           |
 //!
+//! Any other path is answered 404 `not_found` naming the method and path; a listed path
+//! asked with another method, 405 `method_not_allowed` with `Allow`.
+//!
 //! Every route but `GET /api/health` needs a bearer token of the right role when `[daemon]
 //! tokens` are configured ([`auth`]).
 //!
@@ -93,12 +96,13 @@ pub fn serve(
             .wrap(tracing_actix_web::TracingLogger::default())
             .wrap(from_fn(auth::redact_query_token))
             .configure(api::routes)
-            .route("/ws", web::get().to(ws::connect))
+            .service(error::resource("/ws", &["GET"]).route(web::get().to(ws::connect)))
             .service(
                 mcp.clone()
                     .scope_with_path(crate::mcp::PATH)
                     .wrap(actix_web::middleware::from_fn(crate::mcp::accept_shim)),
             )
+            .default_service(web::to(error::unknown_route))
     })
     .workers(2)
     // The process decides when to stop (main waits for SIGINT and SIGTERM): actix's own

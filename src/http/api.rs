@@ -8,6 +8,7 @@ use multiplex_actors::store::RunRecord;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::error::resource;
 use super::ApiError;
 use crate::auth::Caller;
 
@@ -17,18 +18,21 @@ const MAX_LIST: usize = 500;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api")
-            .route("/workflows", web::post().to(submit))
-            .route("/workflows", web::get().to(list))
-            .route("/workflows/{id}", web::get().to(get_run))
-            .route("/workflows/{id}/cancel", web::post().to(cancel))
-            .route("/nodes", web::get().to(nodes))
-            .route("/tunnels", web::get().to(tunnels))
-            .route(
-                "/tunnels/{node}/reconnect",
-                web::post().to(reconnect_tunnel),
+            .service(
+                resource("/workflows", &["GET", "POST"])
+                    .route(web::post().to(submit))
+                    .route(web::get().to(list)),
             )
-            .route("/health", web::get().to(health))
-            .route("/artifacts/{id}", web::get().to(artifact)),
+            .service(resource("/workflows/{id}", &["GET"]).route(web::get().to(get_run)))
+            .service(resource("/workflows/{id}/cancel", &["POST"]).route(web::post().to(cancel)))
+            .service(resource("/nodes", &["GET"]).route(web::get().to(nodes)))
+            .service(resource("/tunnels", &["GET"]).route(web::get().to(tunnels)))
+            .service(
+                resource("/tunnels/{node}/reconnect", &["POST"])
+                    .route(web::post().to(reconnect_tunnel)),
+            )
+            .service(resource("/health", &["GET"]).route(web::get().to(health)))
+            .service(resource("/artifacts/{id}", &["GET"]).route(web::get().to(artifact))),
     );
 }
 

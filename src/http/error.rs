@@ -3,9 +3,9 @@
 //! Bodies are `{"error": code, "message": sentence}`, plus `issues` for an invalid workflow,
 //! so clients can branch on the code and show the sentence.
 
-use actix_web::http::header::WWW_AUTHENTICATE;
+use actix_web::http::header::{ALLOW, WWW_AUTHENTICATE};
 use actix_web::http::StatusCode;
-use actix_web::{error::JsonPayloadError, web, HttpResponse, ResponseError};
+use actix_web::{error::JsonPayloadError, web, HttpRequest, HttpResponse, ResponseError};
 use multiplex_actors::cluster::ClusterError;
 use multiplex_actors::lease::LeaseError;
 use multiplex_actors::workflow::ValidationIssue;
@@ -26,6 +26,13 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// A known route asked with a method it does not take (405 with `Allow`).
+    #[error("{method} is not allowed on {path}; it takes {}", .allowed.join(", "))]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static [&'static str],
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("request body too large: {0}")]
@@ -53,6 +60,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Internal(_) => "internal",
@@ -67,6 +75,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -89,6 +98,9 @@ impl ResponseError for ApiError {
                     WWW_AUTHENTICATE,
                     r#"Bearer realm="multiplex", error="insufficient_scope""#,
                 ));
+            }
+            ApiError::MethodNotAllowed { allowed, .. } => {
+                response.insert_header((ALLOW, allowed.join(", ")));
             }
             _ => {}
         }
@@ -139,4 +151,26 @@ pub fn json_config(limit: usize) -> web::JsonConfig {
             };
             actix_web::error::InternalError::from_response(err, api_error.error_response()).into()
         })
+}
+
+/// The app's default service: a path no route serves, answered in our shape rather than
+/// actix's empty 404.
+pub async fn unknown_route(request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no route {} {}; docs/api.md lists the routes",
+        request.method(),
+        request.path()
+    )))
+}
+
+/// A resource at `path` that answers methods other than `allowed` with a 405 naming them;
+/// `allowed` must list the methods of the routes added to it.
+pub fn resource(path: &str, allowed: &'static [&'static str]) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move |request: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
+            method: request.method().to_string(),
+            path: request.path().to_string(),
+            allowed,
+        })
+    }))
 }

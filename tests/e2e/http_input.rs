@@ -131,3 +131,72 @@ async fn documents_nested_too_deep_are_refused_and_the_deepest_allowed_reads_bac
     assert_eq!(list["runs"].as_array().map(Vec::len), Some(1), "{list}");
     test.daemon.stop().await;
 }
+
+/// Unknown paths used to get actix's empty 404, and a known path with the wrong method the
+/// same: both now answer the API's error shape, saying what was asked.
+#[actix_rt::test]
+async fn unknown_routes_and_methods_answer_in_the_error_shape() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+    let cases = [
+        (
+            reqwest::Method::GET,
+            "/api/nonexistent",
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            "/nowhere/at/all",
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/api/workflows",
+            405,
+            "method_not_allowed",
+            Some("GET, POST"),
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/workflows/x/cancel",
+            405,
+            "method_not_allowed",
+            Some("POST"),
+        ),
+        (
+            reqwest::Method::POST,
+            "/ws",
+            405,
+            "method_not_allowed",
+            Some("GET"),
+        ),
+    ];
+    for (method, path, status, code, allow) in cases {
+        let response = test
+            .http
+            .request(method.clone(), test.url(path))
+            .send()
+            .await
+            .expect("the request is answered");
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        let header = |name: &str| {
+            let value = response.headers().get(name);
+            value.and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        assert_eq!(header("allow").as_deref(), allow, "{method} {path}");
+        let content_type = header("content-type").unwrap_or_default();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        let body: Value = response.json().await.expect("the body is JSON");
+        assert_eq!(body["error"], code, "{body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("{method}")), "{body}");
+        assert!(message.contains(path), "{body}");
+    }
+    test.daemon.stop().await;
+}
