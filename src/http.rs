@@ -100,7 +100,8 @@ pub fn serve(
             .service(
                 mcp.clone()
                     .scope_with_path(crate::mcp::PATH)
-                    .wrap(actix_web::middleware::from_fn(crate::mcp::accept_shim)),
+                    .wrap(from_fn(crate::mcp::jsonrpc_errors))
+                    .wrap(from_fn(crate::mcp::accept_shim)),
             )
             .default_service(web::to(error::unknown_route))
     })

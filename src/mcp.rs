@@ -503,3 +503,63 @@ pub async fn accept_shim(
     let response = head.set_body(actix_web::body::BoxBody::new(answer));
     Ok(actix_web::dev::ServiceResponse::new(request, response))
 }
+
+/// Answers a POST body that is not a JSON-RPC message the way JSON-RPC says to: HTTP 400
+/// with an error response, -32700 (Parse error) when the body is not JSON at all and -32600
+/// (Invalid Request) when it is JSON but no request, notification or response, echoing the
+/// id when one can be read. rmcp answers both with a plain-text 415, which clients cannot
+/// tell from a wrong Content-Type. Every other request reaches rmcp as it came, its body put
+/// back as read; a wrong Content-Type is still rmcp's to refuse.
+pub async fn jsonrpc_errors(
+    mut request: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    use actix_web::http::header::CONTENT_TYPE;
+    let json_body = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.split(';').next().unwrap_or("").trim())
+        .is_some_and(|essence| essence.eq_ignore_ascii_case("application/json"));
+    if request.method() != actix_web::http::Method::POST || !json_body {
+        return Ok(next.call(request).await?.map_into_boxed_body());
+    }
+    // Bounded by the app's `PayloadConfig`, the daemon's `max_body_bytes`.
+    let body = request.extract::<actix_web::web::Bytes>().await?;
+    if let Some(error) = not_a_message(&body) {
+        debug!(code = %error["error"]["code"], "MCP body is not a JSON-RPC message");
+        let response = actix_web::HttpResponse::BadRequest().json(error);
+        return Ok(request.into_response(response));
+    }
+    request.set_payload(actix_web::dev::Payload::from(body));
+    Ok(next.call(request).await?.map_into_boxed_body())
+}
+
+/// The JSON-RPC error response for a body rmcp cannot take as a message, or `None` when it
+/// can (parsed the way rmcp parses it, so the two never disagree).
+fn not_a_message(body: &[u8]) -> Option<serde_json::Value> {
+    use serde_json::{json, Value};
+    if serde_json::from_slice::<rmcp::model::ClientJsonRpcMessage>(body).is_ok() {
+        return None;
+    }
+    let (code, message, id) = match serde_json::from_slice::<Value>(body) {
+        Err(err) => (
+            -32700,
+            format!("Parse error: the body is not JSON ({err})"),
+            Value::Null,
+        ),
+        Ok(value) => {
+            // JSON-RPC: an id that cannot be read is answered as null.
+            let id = value
+                .get("id")
+                .filter(|id| id.is_string() || id.is_number())
+                .cloned()
+                .unwrap_or(Value::Null);
+            let message = "Invalid Request: the body is JSON but not a JSON-RPC 2.0 request, \
+                notification or response (an object with \"jsonrpc\": \"2.0\" and a string \
+                \"method\", or a result or error for an \"id\")";
+            (-32600, message.to_string(), id)
+        }
+    };
+    Some(json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}))
+}

@@ -228,3 +228,71 @@ async fn python_sdk_client_over_http_and_stdio() {
     }
     daemon.daemon.stop().await;
 }
+
+/// Posts `body` as it is, JSON-typed: status, content type and text.
+async fn post_text(
+    daemon: &TestDaemon,
+    body: &str,
+    session: Option<&str>,
+) -> (u16, String, String) {
+    let mut request = daemon
+        .http
+        .post(daemon.url("/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", ACCEPT_BOTH)
+        .body(body.to_string());
+    if let Some(session) = session {
+        request = request
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", "2025-11-25");
+    }
+    let response = request.send().await.expect("/mcp answers");
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (
+        status,
+        content_type,
+        response.text().await.unwrap_or_default(),
+    )
+}
+
+/// rmcp answered a body that is not JSON, or not a JSON-RPC message, with a plain-text 415;
+/// JSON-RPC wants an error response: -32700 for a parse error, -32600 for a bad message.
+#[actix_rt::test]
+async fn bodies_that_are_not_messages_get_jsonrpc_errors() {
+    let daemon = TestDaemon::start(&cluster_config(1, "")).await;
+    let cases = [
+        ("{garbage", -32700, Value::Null),
+        ("", -32700, Value::Null),
+        ("[1,2,3]", -32600, Value::Null),
+        (r#"{"jsonrpc":"2.0","id":8,"method":5}"#, -32600, json!(8)),
+        (
+            r#"{"jsonrpc":"1.0","id":"x","method":"ping"}"#,
+            -32600,
+            json!("x"),
+        ),
+    ];
+    for (body, code, id) in cases {
+        let (status, content_type, text) = post_text(&daemon, body, None).await;
+        assert_eq!(status, 400, "{body:?}: {text}");
+        assert!(
+            content_type.starts_with("application/json"),
+            "{body:?}: {content_type}"
+        );
+        let answer: Value = serde_json::from_str(&text).expect("the answer is JSON");
+        assert_eq!(answer["jsonrpc"], "2.0", "{answer}");
+        assert_eq!(answer["id"], id, "{body:?}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{body:?}: {answer}");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+    }
+    // A real message still goes through.
+    let (status, _, text) = post_text(&daemon, &initialize("2025-11-25").to_string(), None).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(message(&text)["id"], 1, "{text}");
+    daemon.daemon.stop().await;
+}
