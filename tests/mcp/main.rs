@@ -296,3 +296,42 @@ async fn bodies_that_are_not_messages_get_jsonrpc_errors() {
     assert_eq!(message(&text)["id"], 1, "{text}");
     daemon.daemon.stop().await;
 }
+
+/// submit_workflow goes through the same validation as REST: a document nested too deep
+/// to be stored is refused, naming where, instead of becoming a run nobody can read.
+#[actix_rt::test]
+async fn submit_workflow_refuses_documents_nested_too_deep() {
+    let daemon = TestDaemon::start(&cluster_config(1, "")).await;
+    let (status, headers, body) = post(
+        &daemon,
+        &initialize("2025-11-25"),
+        &[("accept", ACCEPT_BOTH)],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let session = headers["mcp-session-id"]
+        .to_str()
+        .expect("a session id")
+        .to_string();
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (status, _, _) = post_text(&daemon, &initialized.to_string(), Some(&session)).await;
+    assert_eq!(status, 202);
+
+    let position = (0..100).fold(json!(0), |inner, _| json!([inner]));
+    let workflow = json!({"name": "deep", "nodes": [
+        {"id": "a", "type": "intent", "data": {"prompt": "x"}, "position": position}]});
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "submit_workflow", "arguments": {"workflow": workflow}}});
+    let (status, _, text) = post_text(&daemon, &call.to_string(), Some(&session)).await;
+    assert_eq!(status, 200, "{text}");
+    let result = &message(&text)["result"];
+    assert_eq!(result["isError"], true, "{result}");
+    let shown = result.to_string();
+    assert!(shown.contains("too_deep"), "{shown}");
+    assert!(shown.contains("nodes[0].position"), "{shown}");
+
+    let (status, list) = daemon.get("/api/workflows").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["runs"], json!([]), "{list}");
+    daemon.daemon.stop().await;
+}
