@@ -108,7 +108,7 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
         "configuration loaded");
 
     let cluster = Cluster::start(cluster_config, templates, store)?;
-    let resumed = cluster.resume_unfinished()?;
+    let resumed = cluster.resume_unfinished().await?;
     if resumed > 0 {
         info!(runs = resumed, "resumed unfinished runs");
     }

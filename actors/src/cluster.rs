@@ -6,15 +6,16 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
+use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use crate::activity::ActivityHub;
+use crate::activity::{Activity, ActivityHub, Publish};
 use crate::config::ClusterConfig;
 use crate::lease::{LeaseBook, LeaseCandidate, LeaseError, LeaseRequest, LeaseView};
 use crate::node::GpuNode;
 use crate::run::{CancelWorkflow, RunRegistry, RunServices, Snapshot, WorkflowRun};
 use crate::scheduler::{LeasesChanged, ListNodes, NodeView, RegisterNode, Scheduler};
-use crate::store::{RunRecord, RunState, Store, StoreError};
+use crate::store::{RemoteRef, RunRecord, RunState, StepError, StepState, Store, StoreError};
 use crate::tunnel::{self, GetTunnel, Reconnect, Tunnel, TunnelError, TunnelView};
 use crate::workflow::{plan_workflow, Catalog, TemplateLibrary, ValidationIssue};
 
@@ -180,15 +181,27 @@ impl Cluster {
         Ok(self.services.store.list_runs(limit, before)?)
     }
 
-    /// Cancels a live run and answers its record once the cancellation is stored.
+    /// Cancels a run and answers its record once the cancellation is stored. A run the
+    /// store holds as unfinished but that has no live actor (it was not resumed) is marked
+    /// cancelled in the store directly.
     pub async fn cancel(&self, id: &str) -> Result<RunRecord, ClusterError> {
         let Some(addr) = self.services.registry.get(id) else {
             let record = self.services.store.get_run(id)?;
             return match record {
-                Some(record) => Err(ClusterError::AlreadyEnded {
+                Some(record) if record.state.is_terminal() => Err(ClusterError::AlreadyEnded {
                     id: id.into(),
                     state: record.state,
                 }),
+                Some(record) => {
+                    info!(run_id = %id, "run cancelled (it had no live actor)");
+                    self.end_stored(
+                        record,
+                        RunState::Cancelled,
+                        StepState::Cancelled,
+                        "cancelled",
+                    )
+                    .await
+                }
                 None => Err(ClusterError::NotFound(id.into())),
             };
         };
@@ -274,8 +287,10 @@ impl Cluster {
     }
 
     /// Starts again every run the store holds as unfinished. Steps that were in flight are
-    /// looked up on the node they were sent to (see [`WorkflowRun::resume`]).
-    pub fn resume_unfinished(&self) -> Result<usize, ClusterError> {
+    /// looked up on the node they were sent to (see [`WorkflowRun::resume`]). A run that no
+    /// longer validates against this config (a node it needs is gone, say) cannot be
+    /// planned, so it is marked failed instead, with the issues in its error.
+    pub async fn resume_unfinished(&self) -> Result<usize, ClusterError> {
         let runs = self.services.store.unfinished_runs()?;
         let mut resumed = 0;
         for record in runs {
@@ -283,7 +298,10 @@ impl Cluster {
                 Ok(plan) => plan,
                 Err(issues) => {
                     warn!(run_id = %record.id, problems = issues.len(),
-                        "stored run no longer validates against this config; left as it was");
+                        "stored run no longer validates against this config; marking it failed");
+                    let error = unresumable_error(&record, &issues);
+                    self.end_stored(record, RunState::Failed, StepState::Failed, &error)
+                        .await?;
                     continue;
                 }
             };
@@ -292,5 +310,112 @@ impl Cluster {
             resumed += 1;
         }
         Ok(resumed)
+    }
+
+    /// Ends a stored unfinished run that has no actor: steps that had started end in
+    /// `started_state` with `error`, pending ones are skipped. The record is flushed before
+    /// the change is published and answered.
+    async fn end_stored(
+        &self,
+        mut record: RunRecord,
+        state: RunState,
+        started_state: StepState,
+        error: &str,
+    ) -> Result<RunRecord, ClusterError> {
+        let now = OffsetDateTime::now_utc();
+        let mut ended = Vec::new();
+        for step in record.steps.iter_mut().filter(|s| !s.state.is_terminal()) {
+            if step.state == StepState::Pending {
+                step.state = StepState::Skipped;
+            } else {
+                step.state = started_state;
+                step.error = Some(StepError {
+                    message: error.to_string(),
+                    details: None,
+                });
+            }
+            step.finished_at = Some(now);
+            ended.push(step.clone());
+        }
+        record.state = state;
+        record.error = Some(error.to_string());
+        record.finished_at = Some(now);
+        self.services.store.save_run(&record).await?;
+
+        let publish = |activity| self.services.hub.do_send(Publish(activity));
+        for step in ended {
+            publish(Activity::StepState {
+                run_id: record.id.clone(),
+                step_id: step.id,
+                state: step.state,
+                node: step.node,
+                attempt: step.attempts,
+                error: step.error,
+                artifacts: step.artifacts,
+            });
+        }
+        publish(Activity::RunState {
+            run_id: record.id.clone(),
+            state,
+            error: record.error.clone(),
+        });
+        Ok(record)
+    }
+}
+
+/// Why a stored run cannot be resumed: the validation issues (node and field), and the work
+/// it had already sent to nodes, which nothing follows any more.
+fn unresumable_error(record: &RunRecord, issues: &[ValidationIssue]) -> String {
+    let issues: Vec<String> = issues.iter().map(describe_issue).collect();
+    let mut error = format!(
+        "the run no longer validates against this configuration: {}",
+        issues.join("; ")
+    );
+    let sent: Vec<String> = record
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.state,
+                StepState::Assigned | StepState::Submitted | StepState::Running
+            )
+        })
+        .filter_map(|s| {
+            let node = s.node.as_deref()?;
+            match s.remote.as_ref()? {
+                RemoteRef::Comfyui { prompt_id } => Some(format!(
+                    "step {} (ComfyUI prompt {prompt_id} on {node})",
+                    s.id
+                )),
+                RemoteRef::Langflow { session_id } => Some(format!(
+                    "step {} (LangFlow session {session_id} on {node})",
+                    s.id
+                )),
+            }
+        })
+        .collect();
+    if !sent.is_empty() {
+        error.push_str(&format!(
+            "; work already sent cannot be followed and may still run on its node: {}",
+            sent.join(", ")
+        ));
+    }
+    error
+}
+
+/// One validation issue with where it is: `node voice, field data.mode: [code] message`.
+fn describe_issue(issue: &ValidationIssue) -> String {
+    let place: Vec<String> = [
+        issue.node.as_ref().map(|node| format!("node {node}")),
+        issue.edge.as_ref().map(|edge| format!("edge {edge}")),
+        issue.field.as_ref().map(|field| format!("field {field}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if place.is_empty() {
+        issue.to_string()
+    } else {
+        format!("{}: {issue}", place.join(", "))
     }
 }
