@@ -41,8 +41,9 @@ pub fn print_tunnels_table(tunnels: &Value) {
 }
 
 /// Prints a finished run: its state, each step's node, timings and error, and every artifact
-/// with its URL under `base` (when given) plus, when `data_dir` is given, where the daemon stores the file
-/// (`data_dir/artifacts/<first 2 chars of id>/<id>`), for a CLI on the daemon's machine.
+/// with its URL under `base` (when given) plus, when `data_dir` is given, where the daemon
+/// stores the file (`data_dir/artifacts/<first 2 chars of id>/<id>`), for a CLI on the
+/// daemon's machine.
 pub fn print_run_summary(run: &Value, base: Option<&Url>, data_dir: Option<&Path>) {
     emit(&run_summary(run, base, data_dir));
 }
