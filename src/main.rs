@@ -235,7 +235,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             std::process::ExitCode::FAILURE
         }
     }
@@ -542,5 +542,49 @@ async fn wait_for_nodes(client: &DaemonClient) -> anyhow::Result<()> {
             anyhow::bail!("simulated nodes did not become available: {nodes}");
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `err` and its causes joined by ": ", leaving out a cause whose text is already there.
+/// Many of our errors name their source in their own message (so that a log line reads
+/// whole), and anyhow's `{:#}` would print it a second time: "... (os error 2): ... (os error
+/// 2)".
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context as _;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read dir x: {source}")]
+        struct ReadDir {
+            source: std::io::Error,
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone (os error 2)");
+        let err = Err::<(), _>(ReadDir { source: io })
+            .context("cannot load templates")
+            .unwrap_err();
+        assert_eq!(
+            super::error_chain(&err),
+            "cannot load templates: cannot read dir x: gone (os error 2)"
+        );
+
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_chain(&plain), "outer: inner");
     }
 }
