@@ -48,6 +48,9 @@ where
             .configure(configure.clone())
     })
     .workers(1)
+    // Like the real servers, whose asyncio transports set TCP_NODELAY on every connection:
+    // small WebSocket frames go out at once instead of waiting for the peer's delayed ACK.
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(1)
     .bind(addr)?;
