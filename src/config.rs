@@ -67,13 +67,14 @@ pub struct DaemonSection {
     pub max_body_bytes: Option<usize>,
     /// How long a node may be away before its work is placed elsewhere (milliseconds).
     pub node_grace_ms: Option<u64>,
-    /// Browser origins allowed to call /mcp besides loopback ones, e.g.
-    /// `"https://app.example.com"` (see docs/mcp.md).
-    #[serde(default)]
-    pub mcp_allowed_origins: Vec<String>,
-    /// Host names /mcp answers under besides loopback ones (DNS-rebinding defence).
-    #[serde(default)]
-    pub mcp_allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call the daemon besides loopback pages, e.g.
+    /// `"https://canvas.example.com"` (see docs/api.md, "Browsers").
+    #[serde(default, alias = "mcp_allowed_origins")]
+    pub allowed_origins: Vec<String>,
+    /// Host names the daemon answers under besides loopback names and IP addresses
+    /// (DNS-rebinding defence; a daemon with tokens answers under any name but on /mcp).
+    #[serde(default, alias = "mcp_allowed_hosts")]
+    pub allowed_hosts: Vec<String>,
     /// Bearer tokens, each named by the environment variable holding it, with its role:
     /// `tokens = [{ env = "MULTIPLEX_OPERATOR_TOKEN", role = "operator" }]`. None: the
     /// daemon is open, and then only on loopback unless `allow_open` (see [`crate::auth`]).

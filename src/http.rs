@@ -28,6 +28,7 @@
 mod api;
 pub mod auth;
 mod error;
+pub mod origin;
 mod ws;
 
 use std::net::SocketAddr;
@@ -61,8 +62,8 @@ impl Limits {
         Limits {
             max_body_bytes: daemon.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             mcp: crate::mcp::McpSettings {
-                allowed_origins: daemon.mcp_allowed_origins.clone(),
-                allowed_hosts: daemon.mcp_allowed_hosts.clone(),
+                allowed_origins: daemon.allowed_origins.clone(),
+                allowed_hosts: daemon.allowed_hosts.clone(),
             },
         }
     }
@@ -82,17 +83,24 @@ pub fn serve(
     let shared = crate::mcp::McpShared::new(cluster.clone(), format!("http://{addr}"));
     let mcp = crate::mcp::http_service(shared, &limits.mcp);
     let cluster = web::Data::new(cluster);
+    let browsers = web::Data::new(origin::BrowserPolicy::new(
+        &limits.mcp.allowed_origins,
+        &limits.mcp.allowed_hosts,
+        tokens.is_open(),
+    ));
     let tokens = web::Data::new(tokens);
     let max_body_bytes = limits.max_body_bytes;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(cluster.clone())
             .app_data(tokens.clone())
+            .app_data(browsers.clone())
             .app_data(error::json_config(max_body_bytes))
             .app_data(web::PayloadConfig::new(max_body_bytes))
             // Last wrapped runs first: the query token is gone before the logger sees the
             // URI, and refusals are logged inside the request's span.
             .wrap(from_fn(auth::authenticate))
+            .wrap(from_fn(origin::guard))
             .wrap(tracing_actix_web::TracingLogger::default())
             .wrap(from_fn(auth::redact_query_token))
             .configure(api::routes)

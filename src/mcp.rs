@@ -45,23 +45,12 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
 
 use crate::auth::{Caller, Role};
+use crate::http::origin::{LOOPBACK_HOSTS, LOOPBACK_ORIGINS};
 use feed::ActivityFeed;
 use tools::ToolContext;
 
 /// Where the server is mounted.
 pub const PATH: &str = "/mcp";
-
-/// Origins every daemon accepts: pages served from this machine.
-const LOOPBACK_ORIGINS: [&str; 6] = [
-    "http://localhost:*",
-    "http://127.0.0.1:*",
-    "http://[::1]:*",
-    "https://localhost:*",
-    "https://127.0.0.1:*",
-    "https://[::1]:*",
-];
-/// Host names every daemon answers under.
-const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 const INSTRUCTIONS: &str = "Multiplex runs AI media workflows (Flux images, Wan 2.1 \
     videos, LLM narration) on a GPU cluster of ComfyUI and LangFlow servers. Read \

@@ -200,3 +200,70 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     }
     test.daemon.stop().await;
 }
+
+/// A page the operator visits must not drive a daemon on their machine: browsers send
+/// `Origin` on every WebSocket upgrade and cross-origin request, and a page whose name
+/// was rebound to 127.0.0.1 shows in `Host`.
+#[actix_rt::test]
+async fn pages_from_elsewhere_and_rebound_host_names_are_refused() {
+    let extra = "[daemon]\nallowed_origins = [\"https://canvas.studio.example\"]\n";
+    let test = TestDaemon::start(&cluster_config(1, extra)).await;
+    let ws = format!("ws://{}/ws", test.daemon.addr);
+
+    let refused = awc::Client::new()
+        .ws(&ws)
+        .origin("https://evil.example")
+        .connect()
+        .await;
+    match refused {
+        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => {
+            assert_eq!(status, 403)
+        }
+        other => panic!("a foreign page opened the socket: {:?}", other.map(|_| ())),
+    }
+    for page in ["http://localhost:5173", "https://canvas.studio.example"] {
+        let opened = awc::Client::new().ws(&ws).origin(page).connect().await;
+        assert!(
+            opened.is_ok(),
+            "{page} may open the socket: {:?}",
+            opened.err()
+        );
+    }
+
+    let submit = |origin: &'static str, host: String| {
+        test.http
+            .post(test.url("/api/workflows"))
+            .header("origin", origin)
+            .header("host", host)
+            .json(&json!({"name": "x", "nodes": [], "edges": []}))
+            .send()
+    };
+    let host = test.daemon.addr.to_string();
+    let answer = submit("https://evil.example", host.clone()).await.unwrap();
+    assert_eq!(answer.status(), 403);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["error"], "forbidden", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_origins"),
+        "{body}"
+    );
+
+    let port = test.daemon.addr.port();
+    let rebound = format!("rebound.evil.example:{port}");
+    let origin = "http://127.0.0.1:1";
+    let answer = submit(origin, rebound).await.unwrap();
+    assert_eq!(answer.status(), 403);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("allowed_hosts"),
+        "{body}"
+    );
+
+    // Scripts and the CLI send no Origin and are served as before.
+    let (status, _) = test.get("/api/workflows").await;
+    assert_eq!(status, 200);
+    test.daemon.stop().await;
+}
