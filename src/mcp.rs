@@ -70,7 +70,8 @@ pub struct McpSettings {
 pub struct McpShared {
     cluster: Cluster,
     feed: ActivityFeed,
-    /// `http://addr` of the daemon, for absolute artifact links.
+    /// `http://addr` of the daemon, for absolute artifact links when a request says no
+    /// better (see [`LinkBase`]).
     base_url: Arc<str>,
     /// The daemon's arbiter. rmcp runs handlers on plain tokio tasks, but the cluster starts
     /// actors (a run's `WorkflowRun`), which needs an actix context: cluster work is sent
@@ -149,7 +150,17 @@ fn authorize(request: &HttpRequest, extensions: &mut rmcp::model::Extensions) {
     if let Some(caller) = caller {
         extensions.insert(caller);
     }
+    let info = request.connection_info();
+    extensions.insert(LinkBase(
+        format!("{}://{}", info.scheme(), info.host()).into(),
+    ));
 }
+
+/// The daemon's address as this request reached it, for absolute artifact links: the bound
+/// address (`0.0.0.0:7700` on a daemon serving the network) is no address a client can use.
+/// rmcp has already checked the `Host` it comes from against the allowed hosts.
+#[derive(Clone)]
+struct LinkBase(Arc<str>);
 
 /// The tool error for a caller whose role is too low for `tool`.
 fn forbidden(tool: &str, needed: Role, caller: Option<&Caller>) -> CallToolResponse {
@@ -280,17 +291,20 @@ impl ServerHandler for MultiplexMcp {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        let http = rmcp_actix_web::transport::on_request_extensions(&context.extensions);
+        let base_url = http
+            .and_then(|extensions| extensions.get::<LinkBase>())
+            .map_or_else(|| self.shared.base_url.clone(), |link| link.0.clone());
         let ctx = ToolContext {
             cluster: self.shared.cluster.clone(),
             feed: self.shared.feed.clone(),
-            base_url: self.shared.base_url.clone(),
+            base_url,
             peer: context.peer.clone(),
             progress: context.meta.get_progress_token(),
         };
         let name = request.name.to_string();
         if let Some(needed) = tools::required_role(&name) {
-            let caller = rmcp_actix_web::transport::on_request_extensions(&context.extensions)
-                .and_then(|extensions| extensions.get::<Caller>());
+            let caller = http.and_then(|extensions| extensions.get::<Caller>());
             if !caller.is_some_and(|caller| caller.may(needed)) {
                 return Ok(forbidden(&name, needed, caller));
             }

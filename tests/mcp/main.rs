@@ -335,3 +335,36 @@ async fn submit_workflow_refuses_documents_nested_too_deep() {
     assert_eq!(list["runs"], json!([]), "{list}");
     daemon.daemon.stop().await;
 }
+
+/// Artifact links point where the client reached the daemon, not at the bound address
+/// (`0.0.0.0` on a daemon serving the network is no address a client can use).
+#[actix_rt::test]
+async fn artifact_links_use_the_address_the_client_reached() {
+    let daemon = TestDaemon::start(&cluster_config(1, "")).await;
+    let id = daemon.submit(&util::example("invert.json")).await;
+    let run = daemon.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+
+    let host = format!("localhost:{}", daemon.daemon.addr.port());
+    let headers = [("accept", ACCEPT_BOTH), ("host", host.as_str())];
+    let (status, answer, body) = post(&daemon, &initialize("2025-11-25"), &headers).await;
+    assert_eq!(status, 200, "{body}");
+    let session = answer["mcp-session-id"].to_str().expect("a session id");
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "get_workflow_status", "arguments": {"id": id}}});
+    let headers = [
+        ("accept", ACCEPT_BOTH),
+        ("host", host.as_str()),
+        ("mcp-session-id", session),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let (status, _, text) = post(&daemon, &call, &headers).await;
+    assert_eq!(status, 200, "{text}");
+    let steps = &message(&text)["result"]["structuredContent"]["steps"];
+    let href = steps[0]["artifacts"][0]["href"]
+        .as_str()
+        .unwrap_or_default();
+    let expected = format!("http://{host}/api/artifacts/");
+    assert!(href.starts_with(&expected), "{href} in {text}");
+    daemon.daemon.stop().await;
+}
