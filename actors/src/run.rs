@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix::prelude::*;
 use time::OffsetDateTime;
@@ -23,6 +24,9 @@ use crate::workflow::{Catalog, InputArtifact, Job, Plan, Service};
 
 /// Largest text artifact read into memory to feed a downstream step's prompt.
 const MAX_TEXT_INPUT: u64 = 1024 * 1024;
+/// First pause before a failed store write is tried again; it doubles up to the maximum.
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The live runs, by id. A run removes itself once it has ended, so the registry holds only
 /// runs that can still change (and cancel or live status can reach them).
@@ -217,19 +221,39 @@ impl WorkflowRun {
 
     /// Writes the record, waits until it is durable, then continues with `then`. The
     /// mailbox waits too (`ctx.wait`), so no later transition can overtake this one.
+    ///
+    /// A write that fails (a full disk, an I/O error) is tried again, with backoff, until it
+    /// succeeds: until then the run neither acknowledges nor sends anything, since what it
+    /// would act on is not durable.
     fn persist_then<F>(&mut self, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    {
+        self.persist_attempt(ctx, STORE_RETRY_FIRST, then);
+    }
+
+    fn persist_attempt<F>(&mut self, ctx: &mut Context<Self>, backoff: Duration, then: F)
     where
         F: FnOnce(&mut Self, &mut Context<Self>) + 'static,
     {
         let store = self.services.store.clone();
         let record = self.record.clone();
         let save = async move { store.save_run(&record).await };
-        ctx.wait(save.into_actor(self).map(move |result, act, ctx| {
-            if let Err(err) = result {
-                error!(run_id = %act.record.id, error = %err, "could not persist run");
-            }
-            then(act, ctx);
-        }));
+        ctx.wait(
+            save.into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(()) => then(act, ctx),
+                    Err(err) => {
+                        error!(run_id = %act.record.id, error = %err, retry_in = ?backoff,
+                    "could not persist run; holding it until the store takes the write");
+                        let pause = actix::clock::sleep(backoff).into_actor(act);
+                        ctx.wait(pause.map(move |(), act, ctx| {
+                            let next = (backoff * 2).min(STORE_RETRY_MAX);
+                            act.persist_attempt(ctx, next, then);
+                        }));
+                    }
+                }),
+        );
     }
 
     /// Starts every pending step whose dependencies all succeeded, skips those behind a
