@@ -26,6 +26,9 @@ use super::feed::ActivityFeed;
 use crate::auth::Role;
 use crate::http::{run_view, ApiError};
 
+/// How long a progress follower waits for its run's activity before it reads the run
+/// itself.
+const FOLLOWER_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest a `submit_workflow` call with a progress token follows its run, by default.
 const DEFAULT_FOLLOW_SECS: u64 = 600;
 /// Upper bound on `wait_seconds`.
@@ -577,16 +580,25 @@ impl Follower<'_> {
             return;
         }
         loop {
-            let event = match events.recv().await {
-                Ok(event) => event,
-                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+            let next = tokio::time::timeout(FOLLOWER_RECHECK, events.recv()).await;
+            let event = match next {
+                Ok(Ok(event)) => event,
+                // Quiet for a while: the end may have been among events the hub dropped for
+                // the feed's full mailbox, which no receiver hears of.
+                Err(_quiet) => {
+                    if self.already_over().await {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Err(broadcast::error::RecvError::Lagged(skipped))) => {
                     debug!(skipped, run_id = %self.run_id, "progress follower lagged");
                     if self.already_over().await {
                         return;
                     }
                     continue;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return,
             };
             if event.activity.run_id() != Some(self.run_id.as_str()) {
                 continue;
