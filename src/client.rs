@@ -391,6 +391,14 @@ impl DaemonClient {
             .context("listing tunnels")
     }
 
+    /// Starts a node's actor over (`POST /api/nodes/{node}/restart`).
+    pub async fn restart_node(&self, node: &str) -> anyhow::Result<Value> {
+        let url = self.url(&["api", "nodes", node, "restart"]);
+        self.send(Method::POST, url, None)
+            .await
+            .with_context(|| format!("restarting node {node}"))
+    }
+
     /// Makes a node's tunnel start over (`POST /api/tunnels/{node}/reconnect`).
     pub async fn reconnect_tunnel(&self, node: &str) -> anyhow::Result<Value> {
         let url = self.url(&["api", "tunnels", node, "reconnect"]);

@@ -76,6 +76,10 @@ enum Command {
     },
     /// Show the cluster's nodes.
     Nodes {
+        /// Start this node's actor over first: its event socket is reopened and its
+        /// running tasks are followed again, none sent twice.
+        #[arg(long, value_name = "NODE")]
+        restart: Option<String>,
         #[command(flatten)]
         server: Server,
     },
@@ -305,8 +309,11 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             let daemon = server.client()?;
             client::print_run_table(&daemon.cancel(&run).await?);
         }
-        Command::Nodes { server } => {
+        Command::Nodes { restart, server } => {
             let daemon = server.client()?;
+            if let Some(node) = restart {
+                daemon.restart_node(&node).await?;
+            }
             client::print_nodes_table(&daemon.nodes().await?);
         }
         Command::Tunnels { reconnect, server } => {

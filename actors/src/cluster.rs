@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::activity::{Activity, ActivityHub, Publish};
 use crate::config::ClusterConfig;
 use crate::lease::{LeaseBook, LeaseCandidate, LeaseError, LeaseRequest, LeaseView};
-use crate::node::GpuNode;
+use crate::node::{GpuNode, Restart};
 use crate::run::{CancelWorkflow, RunRegistry, RunServices, Snapshot, WorkflowRun};
 use crate::scheduler::{LeasesChanged, ListNodes, NodeView, RegisterNode, Scheduler};
 use crate::store::{RemoteRef, RunRecord, RunState, StepError, StepState, Store, StoreError};
@@ -28,6 +28,8 @@ pub enum ClusterError {
     NotFound(String),
     #[error("node {0} has no SSH tunnel")]
     NoTunnel(String),
+    #[error("no node named {0}")]
+    NoNode(String),
     #[error("run {id} has already ended ({state:?})")]
     AlreadyEnded { id: String, state: RunState },
     #[error(transparent)]
@@ -53,6 +55,8 @@ pub struct Cluster {
     services: RunServices,
     config: Arc<ClusterConfig>,
     leases: LeaseBook,
+    /// Each node's actor, by node name, in config order.
+    nodes: Arc<Vec<(String, Addr<GpuNode>)>>,
     /// Each SSH-reached node's tunnel, by node name, in config order.
     tunnels: Arc<Vec<(String, Addr<Tunnel>)>>,
 }
@@ -73,6 +77,7 @@ impl Cluster {
         // beside the daemon's actors rather than between them.
         let tunnel_arbiter = (!bound.is_empty()).then(Arbiter::new);
         let mut tunnels = Vec::new();
+        let mut nodes = Vec::new();
         let hub = Supervisor::start(|_| ActivityHub::default());
         let grace = std::time::Duration::from_millis(config.node_grace_ms);
         let leases = LeaseBook::default();
@@ -96,6 +101,7 @@ impl Cluster {
                 });
                 tunnels.push((node.name.clone(), tunnel));
             }
+            nodes.push((node.name.clone(), addr.clone()));
             scheduler.do_send(RegisterNode {
                 config: node.clone(),
                 addr,
@@ -113,6 +119,7 @@ impl Cluster {
             services,
             config: Arc::new(config),
             leases,
+            nodes: Arc::new(nodes),
             tunnels: Arc::new(tunnels),
         })
     }
@@ -246,6 +253,16 @@ impl Cluster {
         tunnel.send(Reconnect).await.map_err(gone)?;
         // The supervisor restarts the actor before it handles the next message.
         tunnel.send(GetTunnel).await.map_err(gone)
+    }
+
+    /// Starts a node's actor over (see [`Restart`]); answers its restart count after it.
+    pub async fn restart_node(&self, node: &str) -> Result<u32, ClusterError> {
+        let Some((_, addr)) = self.nodes.iter().find(|(name, _)| name == node) else {
+            return Err(ClusterError::NoNode(node.to_string()));
+        };
+        addr.send(Restart)
+            .await
+            .map_err(|_| ClusterError::ActorGone("node"))
     }
 
     /// Reserves nodes that fit the request, among those available now.

@@ -52,6 +52,14 @@ pub struct RunTask(pub Task);
 #[rtype(result = "()")]
 pub struct AbortTask(pub TaskKey);
 
+/// Start the actor over: its supervisor restarts it, which reopens the event socket from
+/// scratch and resumes every running task by asking the service where it stands. For an
+/// operator whose node is stuck in a way the daemon does not see. Answers the restart count
+/// the node will have.
+#[derive(Message)]
+#[rtype(result = "u32")]
+pub struct Restart;
+
 /// The node's SSH tunnel came up or went down (sent by its [`crate::tunnel::Tunnel`]).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -554,6 +562,16 @@ impl Handler<RunTask> for GpuNode {
 
     fn handle(&mut self, RunTask(task): RunTask, ctx: &mut Self::Context) {
         self.run_task(task, ctx);
+    }
+}
+
+impl Handler<Restart> for GpuNode {
+    type Result = u32;
+
+    fn handle(&mut self, _msg: Restart, ctx: &mut Self::Context) -> u32 {
+        info!(node = %self.config.name, running = self.running.len(), "node restart asked");
+        ctx.stop();
+        self.restarts + 1
     }
 }
 

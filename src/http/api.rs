@@ -26,6 +26,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(resource("/workflows/{id}", &["GET"]).route(web::get().to(get_run)))
             .service(resource("/workflows/{id}/cancel", &["POST"]).route(web::post().to(cancel)))
             .service(resource("/nodes", &["GET"]).route(web::get().to(nodes)))
+            .service(
+                resource("/nodes/{node}/restart", &["POST"]).route(web::post().to(restart_node)),
+            )
             .service(resource("/tunnels", &["GET"]).route(web::get().to(tunnels)))
             .service(
                 resource("/tunnels/{node}/reconnect", &["POST"])
@@ -103,6 +106,14 @@ async fn cancel(
 async fn nodes(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {
     let nodes = cluster.nodes().await?;
     Ok(HttpResponse::Ok().json(json!({ "nodes": nodes })))
+}
+
+async fn restart_node(
+    cluster: web::Data<Cluster>,
+    node: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let restarts = cluster.restart_node(&node).await?;
+    Ok(HttpResponse::Ok().json(json!({ "node": node.as_str(), "restarts": restarts })))
 }
 
 async fn tunnels(cluster: web::Data<Cluster>) -> Result<HttpResponse, ApiError> {

@@ -112,7 +112,7 @@ impl From<ClusterError> for ApiError {
     fn from(err: ClusterError) -> ApiError {
         match err {
             ClusterError::Invalid(issues) => ApiError::Invalid(issues),
-            ClusterError::NotFound(_) | ClusterError::NoTunnel(_) => {
+            ClusterError::NotFound(_) | ClusterError::NoTunnel(_) | ClusterError::NoNode(_) => {
                 ApiError::NotFound(err.to_string())
             }
             ClusterError::AlreadyEnded { .. } => ApiError::Conflict(err.to_string()),

@@ -282,3 +282,56 @@ async fn the_websocket_submits_and_cancels_like_rest_does() {
         .contains("subscribe"));
     test.daemon.stop().await;
 }
+
+/// An operator's restart of a node actor mid-step goes through its supervisor: the event
+/// socket is opened afresh and the running prompt is followed to its end, not sent again.
+#[actix_rt::test]
+async fn a_node_actor_restarted_mid_step_follows_its_prompt_without_resending() {
+    use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
+
+    let slow = ComfySimConfig {
+        step_ms: 20,
+        model_load_ms: 1,
+        ..ComfySimConfig::default()
+    };
+    let sim = ComfySim::start(slow, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let config = format!(
+        "[templates]\nimage = \"flux-txt2img\"\n[[nodes]]\nname = \"img\"\n\
+         [nodes.comfyui]\nurl = \"{}\"\ncapabilities = [\"image\"]\n",
+        sim.url()
+    );
+    let test = TestDaemon::start(&config).await;
+    let workflow = json!({
+        "name": "restart mid-step",
+        "nodes": [
+            {"id": "brief", "type": "intent", "data": {"prompt": "a slow sunrise"}},
+            {"id": "still", "type": "image", "data": {"steps": 40}}
+        ],
+        "edges": [{"id": "e1", "source": "brief", "target": "still"}]
+    });
+    let id = test.submit(&workflow).await;
+    test.wait_run(&id, |run| step(run, "still")["state"] == "running")
+        .await;
+    let sockets_before = sim.ws_connections();
+
+    let (status, answer) = test.post("/api/nodes/img/restart", &json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["restarts"], 1, "{answer}");
+    let run = test.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+
+    assert_eq!(sim.prompts_received(), 1, "{:?}", sim.prompts_by_id());
+    assert!(
+        sim.ws_connections() > sockets_before,
+        "the restarted actor opened its own socket"
+    );
+    let (_, nodes) = test.get("/api/nodes").await;
+    assert_eq!(nodes["nodes"][0]["restarts"], 1, "{nodes}");
+
+    let (status, missing) = test.post("/api/nodes/nope/restart", &json!({})).await;
+    assert_eq!(status, 404, "{missing}");
+    test.daemon.stop().await;
+    sim.stop().await;
+}
