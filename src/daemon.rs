@@ -129,6 +129,19 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
     })
 }
 
+/// Runs `future` to its end on a new actix system, then takes the system down inside its
+/// runtime. Tasks still in flight (a health probe waiting on a node) are dropped with the
+/// system, and dropping a pooled HTTP connection spawns its cleanup: outside the runtime that
+/// panics, once per such task, as the daemon stops.
+pub fn run_system<F: std::future::Future>(future: F) -> F::Output {
+    let runner = actix_rt::System::new();
+    let output = runner.block_on(future);
+    let runtime = runner.runtime().tokio_runtime().handle().clone();
+    let _inside = runtime.enter();
+    drop(runner);
+    output
+}
+
 /// A daemon running in an actix system of its own, on its own thread: what a separate
 /// process would be, minus the process. Stopping it drops every actor, so its store is
 /// closed and another daemon can open the same data directory (tests restart this way).
@@ -147,7 +160,7 @@ impl DaemonThread {
         let thread = std::thread::Builder::new()
             .name("multiplex-daemon".into())
             .spawn(move || {
-                actix_rt::System::new().block_on(async move {
+                run_system(async move {
                     let daemon = match start(options).await {
                         Ok(daemon) => daemon,
                         Err(err) => {

@@ -235,7 +235,7 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     };
     init_tracing(default_level);
-    let result = actix_rt::System::new().block_on(run(cli.command));
+    let result = daemon::run_system(run(cli.command));
     match result {
         Ok(code) => code,
         Err(err) => {
