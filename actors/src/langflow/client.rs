@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use reqwest::header::HeaderValue;
 use reqwest::multipart::{Form, Part};
 use reqwest::{RequestBuilder, Response};
 use serde::Serialize;
@@ -243,7 +244,7 @@ impl LangflowClient {
         url: &Url,
         request: RequestBuilder,
     ) -> Result<Response, LangflowError> {
-        let request = match &self.api_key {
+        let request = match self.api_key_header(flow)? {
             Some(key) => request.header("x-api-key", key),
             None => request,
         };
@@ -256,6 +257,21 @@ impl LangflowClient {
                 // reqwest's message names the URL, never our headers.
                 detail: err.to_string(),
             })
+    }
+
+    /// The key as a header value marked sensitive, so hyper's HPACK encoder never indexes it
+    /// and anything that prints headers shows it redacted.
+    fn api_key_header(&self, flow: &str) -> Result<Option<HeaderValue>, LangflowError> {
+        let Some(key) = &self.api_key else {
+            return Ok(None);
+        };
+        let mut value = HeaderValue::from_str(key).map_err(|_| LangflowError::Decode {
+            flow: flow.into(),
+            // Never the key itself: only what is wrong with it.
+            detail: "the configured API key is not a valid header value".into(),
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
     }
 
     fn url(&self, flow: &str, path: &str) -> Result<Url, LangflowError> {
@@ -328,6 +344,23 @@ mod tests {
         let shown = format!("{client:?}");
         assert!(!shown.contains("sk-very-secret"));
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn the_key_header_is_sensitive() {
+        let client = LangflowClient::new(
+            Url::parse("http://127.0.0.1:7860").unwrap(),
+            Some("sk-very-secret".into()),
+        );
+        let value = client.api_key_header("f").unwrap().expect("a key is set");
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("sk-very-secret"));
+        let broken = LangflowClient::new(
+            Url::parse("http://127.0.0.1:7860").unwrap(),
+            Some("line\nbreak".into()),
+        );
+        let err = broken.api_key_header("f").unwrap_err().to_string();
+        assert!(!err.contains("line"), "{err}");
     }
 
     #[test]
