@@ -3,9 +3,9 @@
 //! It owns the node's service clients and, for ComfyUI, the one event socket every job on
 //! the node listens to (ComfyUI sends a client's events only to that client's socket, so one
 //! socket per node and client id serves all its prompts). It probes health on a timer, tells
-//! the scheduler when it becomes available or unavailable and when a slot frees, and runs the
-//! tasks the scheduler places on it, each as a future spawned in its context
-//! ([`execute`]).
+//! the scheduler when it becomes available or unavailable (a task's end, copied to the
+//! scheduler, frees its slot there), and runs the tasks the scheduler places on it, each as a
+//! future spawned in its context ([`execute`]).
 //!
 //! A lost socket is reopened with jittered exponential backoff. A refused upgrade (an HTTP
 //! status instead of a protocol switch) is tried a few times, then the node gives up and
@@ -107,7 +107,6 @@ struct RunningTask {
 struct Reported {
     available: bool,
     reason: Option<String>,
-    free_slots: u32,
     vram_free_mb: Option<u64>,
     restarts: u32,
     reconnects: u32,
@@ -204,13 +203,7 @@ impl GpuNode {
         (true, None)
     }
 
-    fn free_slots(&self) -> u32 {
-        self.config
-            .slot_count()
-            .saturating_sub(self.running.len() as u32)
-    }
-
-    /// Tells the scheduler (and the activity stream) about availability or load changes.
+    /// Tells the scheduler (and the activity stream) about availability or VRAM changes.
     fn report(&mut self) {
         let (available, reason) = self.availability();
         match (available, self.away_since) {
@@ -221,7 +214,6 @@ impl GpuNode {
         let now = Reported {
             available,
             reason: reason.clone(),
-            free_slots: self.free_slots(),
             vram_free_mb: self.comfy.as_ref().and_then(|comfy| comfy.vram_free_mb),
             restarts: self.restarts,
             reconnects: self.reconnects,
@@ -244,7 +236,6 @@ impl GpuNode {
             node: self.config.name.clone(),
             available,
             reason,
-            free_slots: now.free_slots,
             vram_free_mb: now.vram_free_mb,
             restarts: now.restarts,
             reconnects: now.reconnects,
@@ -385,7 +376,6 @@ impl GpuNode {
             }
         }));
         self.running.insert(key, RunningTask { handle, task });
-        self.report();
     }
 
     /// The clients a task needs, or why this node cannot run it.
@@ -438,7 +428,6 @@ impl GpuNode {
             node,
             event,
         });
-        self.report();
     }
 
     /// Gives up the running tasks of a node that has been away longer than the grace period:
