@@ -24,6 +24,13 @@ use crate::config::LangflowServiceConfig;
 /// reports its own timeout (see [`LangflowError::UnknownOutcome`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest the health check and a session's message lookup may take, answer included: a
+/// server that accepts connections but never answers must fail the probe, not stall it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a file upload may take: bounded, but long enough for a video over a slow link.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A client for one LangFlow server. Cheap to clone. Its `Debug` output hides the API key.
 #[derive(Clone)]
 pub struct LangflowClient {
@@ -84,7 +91,8 @@ impl LangflowClient {
     pub async fn health(&self) -> Result<(), LangflowError> {
         let flow = "(health check)";
         let url = self.url(flow, "health_check")?;
-        let response = self.send(flow, &url, self.http.get(url.clone())).await?;
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        let response = self.send(flow, &url, request).await?;
         let answer = json_answer(flow, &url, response).await?;
         let bad: Vec<String> = answer
             .as_object()
@@ -133,6 +141,7 @@ impl LangflowClient {
         let request = self
             .http
             .post(url.clone())
+            .timeout(UPLOAD_TIMEOUT)
             .multipart(Form::new().part("file", part));
         let response = self.send(flow_id, &url, request).await?;
         let answer = json_answer(flow_id, &url, response).await?;
@@ -223,7 +232,8 @@ impl LangflowClient {
         let label = format!("(messages of session {session_id})");
         let mut url = self.url(&label, "api/v1/monitor/messages")?;
         url.query_pairs_mut().append_pair("session_id", session_id);
-        let response = self.send(&label, &url, self.http.get(url.clone())).await?;
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        let response = self.send(&label, &url, request).await?;
         let answer = json_answer(&label, &url, response).await?;
         let Some(entries) = answer.as_array() else {
             return Err(LangflowError::Decode {
@@ -254,8 +264,7 @@ impl LangflowClient {
             .map_err(|err| LangflowError::Transport {
                 flow: flow.into(),
                 url: url.to_string(),
-                // reqwest's message names the URL, never our headers.
-                detail: err.to_string(),
+                detail: transport_detail(&err),
             })
     }
 
@@ -299,6 +308,16 @@ fn check_session(flow: &str, sent: &str, answer: RunAnswer) -> Result<RunAnswer,
     }
 }
 
+/// reqwest's message names the URL, never our headers; a timeout is said in so many words,
+/// since reqwest's message for it does not.
+fn transport_detail(err: &reqwest::Error) -> String {
+    if err.is_timeout() {
+        format!("timed out: {err}")
+    } else {
+        err.to_string()
+    }
+}
+
 async fn json_answer(flow: &str, url: &Url, response: Response) -> Result<Value, LangflowError> {
     let status = response.status();
     let body = response
@@ -307,7 +326,7 @@ async fn json_answer(flow: &str, url: &Url, response: Response) -> Result<Value,
         .map_err(|err| LangflowError::Transport {
             flow: flow.into(),
             url: url.to_string(),
-            detail: err.to_string(),
+            detail: transport_detail(&err),
         })?;
     if !status.is_success() {
         return Err(error_from_status(flow, status.as_u16(), &body));
