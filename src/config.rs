@@ -295,11 +295,18 @@ pub fn templates(file: &ConfigFile, source: &Source) -> anyhow::Result<TemplateL
 /// that would only surface when the first workflow fails to place. Runs before any
 /// simulator starts; every error names the node and the field.
 pub fn validate(file: &ConfigFile) -> anyhow::Result<()> {
+    let mut names = std::collections::HashSet::new();
     for (index, node) in file.nodes.iter().enumerate() {
         if node.name.trim().is_empty() {
             bail!("[[nodes]] entry {}: `name` is empty", index + 1);
         }
         let name = &node.name;
+        if !names.insert(name.as_str()) {
+            bail!("node name {name:?} appears twice in [[nodes]]");
+        }
+        if node.comfyui.is_none() && node.langflow.is_none() {
+            bail!("node {name}: needs a [nodes.comfyui] or [nodes.langflow] section");
+        }
         if node.slots == Some(0) {
             bail!("node {name}: `slots` is 0, so it could never run a step (omit it or use 1+)");
         }
@@ -319,8 +326,49 @@ pub fn validate(file: &ConfigFile) -> anyhow::Result<()> {
             check_scheme(name, "langflow", langflow.url.as_ref())?;
         }
         check_forwards(node)?;
+        if let Some(ssh) = &node.ssh {
+            check_timing(name, &ssh.timing)?;
+        }
     }
     Ok(())
+}
+
+/// Every tunnel timing is a duration or count the tunnel waits on or multiplies: a 0 makes
+/// a reconnect backoff that never grows past 0 (a hot reconnect loop), timeouts that expire
+/// at once, or keepalives that declare every session dead, so the tunnel flaps.
+fn check_timing(node: &str, timing: &TunnelTiming) -> anyhow::Result<()> {
+    let defaults = timing_fields(&TunnelTiming::default());
+    for ((field, value), (_, default)) in timing_fields(timing).into_iter().zip(defaults) {
+        if value == 0 {
+            bail!(
+                "node {node}: [nodes.ssh.timing] `{field}` is 0; it must be at least 1 \
+                 (omit it for the default, {default})"
+            );
+        }
+    }
+    if timing.backoff_cap_ms < timing.backoff_initial_ms {
+        bail!(
+            "node {node}: [nodes.ssh.timing] `backoff_cap_ms` ({}) is below \
+             `backoff_initial_ms` ({}): the cap must be at least the first wait",
+            timing.backoff_cap_ms,
+            timing.backoff_initial_ms
+        );
+    }
+    Ok(())
+}
+
+/// Each timing by its name in the file.
+fn timing_fields(timing: &TunnelTiming) -> [(&'static str, u64); 8] {
+    [
+        ("connect_timeout_ms", timing.connect_timeout_ms),
+        ("keepalive_interval_ms", timing.keepalive_interval_ms),
+        ("keepalive_max", timing.keepalive_max as u64),
+        ("probe_interval_ms", timing.probe_interval_ms),
+        ("channel_open_timeout_ms", timing.channel_open_timeout_ms),
+        ("write_timeout_ms", timing.write_timeout_ms),
+        ("backoff_initial_ms", timing.backoff_initial_ms),
+        ("backoff_cap_ms", timing.backoff_cap_ms),
+    ]
 }
 
 /// Forward names are unique within a node, and a service's `forward` names one of them.
@@ -386,21 +434,11 @@ pub struct Simulators {
 pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simulators)> {
     let mut sims = Simulators::default();
     let mut nodes = Vec::new();
-    let mut names = std::collections::HashSet::new();
     if file.nodes.is_empty() {
         bail!("the configuration has no [[nodes]]: nothing could run a workflow");
     }
     validate(file)?;
     for node in &file.nodes {
-        if !names.insert(node.name.as_str()) {
-            bail!("node name {:?} appears twice in [[nodes]]", node.name);
-        }
-        if node.comfyui.is_none() && node.langflow.is_none() {
-            bail!(
-                "node {}: needs a [nodes.comfyui] or [nodes.langflow] section",
-                node.name
-            );
-        }
         let comfyui = match &node.comfyui {
             Some(section) => Some(resolve_comfy(node, section, &mut sims).await?),
             None => None,
@@ -845,6 +883,70 @@ mod tests {
         // Typos in the section are refused, not ignored.
         let typo = SSH_NODE.replace("known_hosts = \"/etc", "known_host = \"/etc");
         assert!(toml::from_str::<ConfigFile>(&typo).is_err());
+    }
+
+    #[test]
+    fn zero_tunnel_timings_are_refused_naming_node_and_field() {
+        for field in [
+            "connect_timeout_ms",
+            "keepalive_interval_ms",
+            "keepalive_max",
+            "probe_interval_ms",
+            "channel_open_timeout_ms",
+            "write_timeout_ms",
+            "backoff_initial_ms",
+            "backoff_cap_ms",
+        ] {
+            // In place of the one timing the example sets: TOML refuses a key set twice.
+            let text =
+                refusal(&SSH_NODE.replace("keepalive_interval_ms = 5000", &format!("{field} = 0")));
+            assert!(
+                text.contains("node box5")
+                    && text.contains("[nodes.ssh.timing]")
+                    && text.contains(&format!("`{field}` is 0")),
+                "{field}: {text}"
+            );
+        }
+        let text = refusal(&SSH_NODE.replace(
+            "keepalive_interval_ms = 5000",
+            "backoff_initial_ms = 5000\n        backoff_cap_ms = 1000",
+        ));
+        assert!(
+            text.contains("node box5") && text.contains("`backoff_cap_ms` (1000) is below"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_and_serviceless_nodes_are_refused_by_validate() {
+        let text = refusal(&format!(
+            "{GOOD_NODE}\n[[nodes]]\nname = \"box1\"\n[nodes.langflow]"
+        ));
+        assert!(text.contains("\"box1\" appears twice"), "{text}");
+        let text = refusal("[[nodes]]\nname = \"bare\"\nslots = 1");
+        assert!(
+            text.contains("node bare") && text.contains("needs a [nodes.comfyui] or"),
+            "{text}"
+        );
+    }
+
+    /// The first node's simulator would start before the second node's problem is seen if
+    /// the check came late; validate sees it first, so resolve starts nothing.
+    #[actix_rt::test]
+    async fn a_duplicate_name_is_refused_before_any_simulator_starts() {
+        let file = parse(
+            r#"[[nodes]]
+            name = "twin"
+            [nodes.comfyui]
+            simulate = {}
+            [[nodes]]
+            name = "twin"
+            [nodes.comfyui]
+            simulate = {}"#,
+        );
+        assert!(validate(&file).is_err());
+        let err = resolve(&file).await.err().expect("refused");
+        assert!(format!("{err:#}").contains("appears twice"), "{err:#}");
     }
 
     #[actix_rt::test]

@@ -19,6 +19,7 @@ pub mod job;
 pub mod socket;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -36,6 +37,10 @@ pub enum ComfyError {
     /// The request did not complete: connection refused, reset, timed out.
     #[error("ComfyUI at {url} unreachable: {source}")]
     Transport { url: String, source: reqwest::Error },
+    /// No complete answer within the request's time limit: a server that accepts
+    /// connections but never answers, or a connection silently dropped on the way.
+    #[error("ComfyUI at {url} timed out: no complete answer within {after:?}")]
+    TimedOut { url: String, after: Duration },
     /// An answer with an unexpected status (ComfyUI answers malformed input with a plain-text
     /// 500).
     #[error("ComfyUI at {url} answered {status}: {body}")]
@@ -80,7 +85,9 @@ impl ComfyError {
     /// Whether trying again later may succeed (the server or the network had a problem).
     pub fn is_transient(&self) -> bool {
         match self {
-            ComfyError::Transport { .. } | ComfyError::WebSocket { .. } => true,
+            ComfyError::Transport { .. }
+            | ComfyError::TimedOut { .. }
+            | ComfyError::WebSocket { .. } => true,
             ComfyError::Status { status, .. } => *status >= 500,
             ComfyError::Rejected { .. }
             | ComfyError::UpgradeRefused { .. }

@@ -100,8 +100,8 @@ pub struct ComfyServiceConfig {
     pub forward: Option<String>,
 }
 
-/// A LangFlow instance on a node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A LangFlow instance on a node. Its `Debug` (and so a node's or cluster's) hides the key.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LangflowServiceConfig {
     pub url: Url,
     /// The `x-api-key` value, already read from the environment. Never logged or shown.
@@ -114,6 +114,17 @@ pub struct LangflowServiceConfig {
     /// The SSH forward (by name) this service is reached through, as for ComfyUI.
     #[serde(default)]
     pub forward: Option<String>,
+}
+
+impl std::fmt::Debug for LangflowServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LangflowServiceConfig")
+            .field("url", &self.url.as_str())
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("flows", &self.flows)
+            .field("forward", &self.forward)
+            .finish()
+    }
 }
 
 /// How to call one LangFlow flow.
@@ -250,5 +261,22 @@ mod tests {
         );
         let json = serde_json::to_string(&hop).unwrap();
         assert!(!json.contains("hunter2"), "{json}");
+    }
+
+    #[test]
+    fn a_langflow_service_shows_no_api_key_in_debug_or_json() {
+        let service = LangflowServiceConfig {
+            url: Url::parse("http://127.0.0.1:7860").unwrap(),
+            api_key: Some("sk-lf-hunter2".into()),
+            flows: BTreeMap::new(),
+            forward: None,
+        };
+        let debug = format!("{service:?}");
+        assert!(
+            !debug.contains("sk-lf-hunter2") && debug.contains("<redacted>"),
+            "{debug}"
+        );
+        let json = serde_json::to_string(&service).unwrap();
+        assert!(!json.contains("sk-lf-hunter2"), "{json}");
     }
 }

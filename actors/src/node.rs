@@ -3,9 +3,9 @@
 //! It owns the node's service clients and, for ComfyUI, the one event socket every job on
 //! the node listens to (ComfyUI sends a client's events only to that client's socket, so one
 //! socket per node and client id serves all its prompts). It probes health on a timer, tells
-//! the scheduler when it becomes available or unavailable and when a slot frees, and runs the
-//! tasks the scheduler places on it, each as a future spawned in its context
-//! ([`execute`]).
+//! the scheduler when it becomes available or unavailable (a task's end, copied to the
+//! scheduler, frees its slot there), and runs the tasks the scheduler places on it, each as a
+//! future spawned in its context ([`execute`]).
 //!
 //! A lost socket is reopened with jittered exponential backoff. A refused upgrade (an HTTP
 //! status instead of a protocol switch) is tried a few times, then the node gives up and
@@ -31,8 +31,11 @@ use crate::task::{RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
 
 use execute::{ComfyService, LangflowService, Services};
 
-/// How often services are probed for health.
+/// How often services are probed for health (a probe still under way is not doubled).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest a whole probe may take: each request has its own limit already, this bounds the
+/// probe however its requests behave, so the node's verdict can never stay stale.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 /// First wait before reopening a lost ComfyUI socket; doubles up to the cap.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
@@ -75,8 +78,6 @@ pub struct TunnelLink {
 struct SocketOpened;
 
 /// Result of one health probe.
-#[derive(Message)]
-#[rtype(result = "()")]
 struct HealthProbed {
     comfy: Option<Result<Option<u64>, String>>,
     langflow: Option<Result<(), String>>,
@@ -115,7 +116,6 @@ struct RunningTask {
 struct Reported {
     available: bool,
     reason: Option<String>,
-    free_slots: u32,
     vram_free_mb: Option<u64>,
     restarts: u32,
     reconnects: u32,
@@ -144,6 +144,9 @@ pub struct GpuNode {
     grace: Duration,
     /// For a node reached through a tunnel: why the tunnel is down, `None` while it is up.
     tunnel_down: Option<String>,
+    /// Set while a health probe is under way: a server that is slow to answer gets one probe
+    /// at a time, not one more every interval.
+    probing: bool,
 }
 
 impl GpuNode {
@@ -187,6 +190,7 @@ impl GpuNode {
             away_since: None,
             grace,
             tunnel_down,
+            probing: false,
         }
     }
 
@@ -212,13 +216,7 @@ impl GpuNode {
         (true, None)
     }
 
-    fn free_slots(&self) -> u32 {
-        self.config
-            .slot_count()
-            .saturating_sub(self.running.len() as u32)
-    }
-
-    /// Tells the scheduler (and the activity stream) about availability or load changes.
+    /// Tells the scheduler (and the activity stream) about availability or VRAM changes.
     fn report(&mut self) {
         let (available, reason) = self.availability();
         match (available, self.away_since) {
@@ -229,7 +227,6 @@ impl GpuNode {
         let now = Reported {
             available,
             reason: reason.clone(),
-            free_slots: self.free_slots(),
             vram_free_mb: self.comfy.as_ref().and_then(|comfy| comfy.vram_free_mb),
             restarts: self.restarts,
             reconnects: self.reconnects,
@@ -252,7 +249,6 @@ impl GpuNode {
             node: self.config.name.clone(),
             available,
             reason,
-            free_slots: now.free_slots,
             vram_free_mb: now.vram_free_mb,
             restarts: now.restarts,
             reconnects: now.reconnects,
@@ -260,12 +256,18 @@ impl GpuNode {
         self.reported = Some(now);
     }
 
+    /// Probes every service at once, unless a probe is still under way. A probe that runs out
+    /// of time counts as failed for every service, with the reason.
     fn probe_health(&mut self, ctx: &mut Context<Self>) {
+        if self.probing {
+            debug!(node = %self.config.name, "health probe still under way; skipped");
+            return;
+        }
+        self.probing = true;
         let comfy = self.comfy.as_ref().map(|state| state.client.clone());
         let langflow = self.langflow.as_ref().map(|state| state.client.clone());
-        let addr = ctx.address();
-        actix::spawn(async move {
-            let comfy = match comfy {
+        let comfy = async move {
+            match comfy {
                 Some(client) => Some(
                     client
                         .system_stats()
@@ -274,13 +276,51 @@ impl GpuNode {
                         .map_err(|err| err.to_string()),
                 ),
                 None => None,
-            };
-            let langflow = match langflow {
+            }
+        };
+        let langflow = async move {
+            match langflow {
                 Some(client) => Some(client.health().await.map_err(|err| err.to_string())),
                 None => None,
-            };
-            addr.do_send(HealthProbed { comfy, langflow });
-        });
+            }
+        };
+        let (has_comfy, has_langflow) = (self.comfy.is_some(), self.langflow.is_some());
+        let probe = async move {
+            match tokio::time::timeout(PROBE_TIMEOUT, futures_util::future::join(comfy, langflow))
+                .await
+            {
+                Ok((comfy, langflow)) => HealthProbed { comfy, langflow },
+                Err(_) => {
+                    let reason = format!("health probe timed out after {PROBE_TIMEOUT:?}");
+                    HealthProbed {
+                        comfy: has_comfy.then(|| Err(reason.clone())),
+                        langflow: has_langflow.then_some(Err(reason)),
+                    }
+                }
+            }
+        };
+        ctx.spawn(probe.into_actor(self).map(|probed, act, ctx| {
+            act.probing = false;
+            act.health_probed(probed, ctx);
+        }));
+    }
+
+    fn health_probed(&mut self, msg: HealthProbed, ctx: &mut Context<Self>) {
+        if let (Some(state), Some(result)) = (self.comfy.as_mut(), msg.comfy) {
+            match result {
+                Ok(vram_free_mb) => {
+                    state.last_probe = Ok(());
+                    state.vram_free_mb = vram_free_mb.or(state.vram_free_mb);
+                }
+                Err(reason) => state.last_probe = Err(reason),
+            }
+        }
+        if let (Some(state), Some(result)) = (self.langflow.as_mut(), msg.langflow) {
+            state.last_probe = result;
+        }
+        self.open_socket(ctx);
+        self.report();
+        self.release_if_away_too_long(ctx);
     }
 
     /// Opens the ComfyUI event socket and forwards its events until it closes.
@@ -393,7 +433,6 @@ impl GpuNode {
             }
         }));
         self.running.insert(key, RunningTask { handle, task });
-        self.report();
     }
 
     /// The clients a task needs, or why this node cannot run it.
@@ -446,7 +485,6 @@ impl GpuNode {
             node,
             event,
         });
-        self.report();
     }
 
     /// Gives up the running tasks of a node that has been away longer than the grace period:
@@ -539,6 +577,8 @@ impl Supervised for GpuNode {
         self.restarts += 1;
         warn!(node = %self.config.name, running = self.running.len(), restarts = self.restarts,
             "node actor restarting");
+        // The probe under way went with the old context.
+        self.probing = false;
         if let Some(comfy) = self.comfy.as_mut() {
             comfy.socket_open = false;
             comfy.connecting = false;
@@ -610,27 +650,5 @@ impl Handler<SocketOpened> for GpuNode {
 
     fn handle(&mut self, _msg: SocketOpened, _ctx: &mut Self::Context) {
         self.socket_opened();
-    }
-}
-
-impl Handler<HealthProbed> for GpuNode {
-    type Result = ();
-
-    fn handle(&mut self, msg: HealthProbed, ctx: &mut Self::Context) {
-        if let (Some(state), Some(result)) = (self.comfy.as_mut(), msg.comfy) {
-            match result {
-                Ok(vram_free_mb) => {
-                    state.last_probe = Ok(());
-                    state.vram_free_mb = vram_free_mb.or(state.vram_free_mb);
-                }
-                Err(reason) => state.last_probe = Err(reason),
-            }
-        }
-        if let (Some(state), Some(result)) = (self.langflow.as_mut(), msg.langflow) {
-            state.last_probe = result;
-        }
-        self.open_socket(ctx);
-        self.report();
-        self.release_if_away_too_long(ctx);
     }
 }

@@ -1,7 +1,11 @@
 //! The `Scheduler` actor: places every ready task on the best node.
 //!
-//! Runs send [`Enqueue`]; nodes report their availability, free slots and free VRAM with
-//! [`NodeStatus`]. A task goes to a node that is available, has a free slot and can run it
+//! Runs send [`Enqueue`]; nodes report their availability and free VRAM with [`NodeStatus`].
+//! Slots are counted here, not by the nodes: a node's free slots are its slot count minus the
+//! tasks placed on it whose final [`TaskUpdate`] has not come back. A count reported by the
+//! node would lag the `RunTask`s still in its mailbox, and trusting it would place more tasks
+//! than the node has slots. A task goes to a node that is available, has a free slot and can
+//! run it
 //! (service, capability, models, VRAM); among those, one that recently ran the task's models
 //! wins (a cold Flux or Wan load costs tens of seconds), then the one with the most free
 //! slots. Tasks nobody can take now wait in arrival order.
@@ -42,14 +46,14 @@ pub struct RegisterNode {
     pub addr: Addr<GpuNode>,
 }
 
-/// A node's availability changed, or one of its slots was freed.
+/// A node's availability, free VRAM or counters changed. It carries no slot count: the
+/// scheduler counts slots itself (see the module doc).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct NodeStatus {
     pub node: String,
     pub available: bool,
     pub reason: Option<String>,
-    pub free_slots: u32,
     /// Free VRAM of the node's GPU, in MiB, when the service reports it.
     pub vram_free_mb: Option<u64>,
     /// Times the node's actor was restarted by its supervisor.
@@ -105,8 +109,7 @@ struct NodeEntry {
     addr: Addr<GpuNode>,
     available: bool,
     reason: Option<String>,
-    free_slots: u32,
-    /// Tasks placed here and not yet finished.
+    /// Tasks placed here whose final update has not come back: what occupies its slots.
     running: Vec<TaskKey>,
     /// Most recent first.
     recent_models: VecDeque<String>,
@@ -135,7 +138,7 @@ impl NodeEntry {
             available: self.available,
             reason: self.reason.clone(),
             slots: self.config.slot_count(),
-            free_slots: self.free_slots,
+            free_slots: self.free_slots(),
             running: self.running.iter().map(ToString::to_string).collect(),
             services,
             capabilities,
@@ -151,6 +154,13 @@ impl NodeEntry {
             restarts: self.restarts,
             reconnects: self.reconnects,
         }
+    }
+
+    /// Slots not taken by a task placed here, whether or not the node has started it yet.
+    fn free_slots(&self) -> u32 {
+        self.config
+            .slot_count()
+            .saturating_sub(self.running.len() as u32)
     }
 
     fn warm_models(&self, task: &Task) -> usize {
@@ -216,14 +226,14 @@ impl Scheduler {
         self.nodes
             .iter()
             .enumerate()
-            .filter(|(_, node)| node.available && node.free_slots > 0)
+            .filter(|(_, node)| node.available && node.free_slots() > 0)
             .filter(|(_, node)| self.allowed(task, node))
             .filter(|(_, node)| self.lease_admits(task, node))
             .filter(|(_, node)| self.has_more_vram(task, node))
             .max_by_key(|(index, node)| {
                 (
                     node.warm_models(task),
-                    node.free_slots,
+                    node.free_slots(),
                     std::cmp::Reverse(*index),
                 )
             })
@@ -297,7 +307,6 @@ impl Scheduler {
     fn place(&mut self, index: usize, task: Task) {
         let node = &mut self.nodes[index];
         info!(task = %task.key, node = %node.config.name, "task placed");
-        node.free_slots -= 1;
         node.running.push(task.key.clone());
         for model in &task.requirement.models {
             node.recent_models.retain(|m| m != model);
@@ -350,7 +359,6 @@ impl Handler<RegisterNode> for Scheduler {
         self.nodes.push(NodeEntry {
             available: false,
             reason: Some("starting".into()),
-            free_slots: 0,
             running: Vec::new(),
             recent_models: VecDeque::new(),
             vram_free_mb: None,
@@ -381,7 +389,6 @@ impl Handler<NodeStatus> for Scheduler {
         }
         node.available = msg.available;
         node.reason = msg.reason;
-        node.free_slots = msg.free_slots;
         node.vram_free_mb = msg.vram_free_mb.or(node.vram_free_mb);
         node.restarts = msg.restarts;
         node.reconnects = msg.reconnects;
@@ -422,7 +429,8 @@ impl Handler<Enqueue> for Scheduler {
 impl Handler<TaskUpdate> for Scheduler {
     type Result = ();
 
-    /// Nodes copy a task's final update here so the scheduler forgets it.
+    /// Nodes copy a task's final update here so the scheduler forgets it: that frees its
+    /// slot, so waiting tasks may be placed.
     fn handle(&mut self, msg: TaskUpdate, _ctx: &mut Self::Context) {
         let finished = matches!(
             msg.event,
@@ -430,6 +438,7 @@ impl Handler<TaskUpdate> for Scheduler {
         );
         if let (true, Some(node)) = (finished, self.node_mut(&msg.node)) {
             node.running.retain(|key| key != &msg.key);
+            self.dispatch();
         }
     }
 }

@@ -78,13 +78,21 @@ fn split_query_token(query: &str) -> (Option<String>, String) {
     (token, kept.join("&"))
 }
 
+/// Whether any key of the query decodes to `access_token`. Matched on decoded keys, as
+/// [`split_query_token`] and every query parser read them: a raw substring test would let
+/// `access%5Ftoken=` through to the logs.
+fn has_query_token(query: &str) -> bool {
+    !query.is_empty()
+        && url::form_urlencoded::parse(query.as_bytes()).any(|(key, _)| key == QUERY_PARAM)
+}
+
 /// Takes `access_token` out of the URI before anything logs or routes it.
 pub async fn redact_query_token(
     mut request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let query = request.query_string();
-    if query.contains(QUERY_PARAM) {
+    if has_query_token(query) {
         let (token, kept) = split_query_token(query);
         if let Some(token) = token {
             let path = request.path();

@@ -8,6 +8,8 @@ use crate::util::{cluster_config, ActivitySocket, TestDaemon};
 
 const OPERATOR: &str = "op-3f9a1c7e5b2d";
 const VIEWER: &str = "view-8e4b2a6c0d1f";
+/// The simulated LangFlow's API key in the log test.
+const LANGFLOW_KEY: &str = "sk-lf-5d2e9b7a1c4f";
 
 /// The test cluster with one operator and one viewer token, read from a map.
 async fn guarded_daemon() -> TestDaemon {
@@ -522,7 +524,8 @@ async fn the_stdio_relay_forwards_the_token() {
 }
 
 /// A daemon process logging at debug level, so every request has its span and MCP its
-/// lines: whatever a client sends, the tokens never show in what it writes.
+/// lines: whatever a client sends, the tokens never show in what it writes, and neither does
+/// the LangFlow API key it sends on every health probe and run.
 #[actix_rt::test]
 async fn tokens_never_reach_the_logs() {
     use std::io::BufRead;
@@ -533,7 +536,12 @@ async fn tokens_never_reach_the_logs() {
 tokens = [{ env = "TEST_OPERATOR_TOKEN", role = "operator" },
           { env = "TEST_VIEWER_TOKEN", role = "viewer" }]
 "#;
-    std::fs::write(&config, cluster_config(1, tokens)).unwrap();
+    // The simulated LangFlow then refuses any request without this key.
+    let with_key = cluster_config(1, tokens).replace(
+        "[nodes.langflow]\n",
+        "[nodes.langflow]\napi_key_env = \"TEST_LANGFLOW_KEY\"\n",
+    );
+    std::fs::write(&config, with_key).unwrap();
     let log_path = dir.path().join("daemon.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_multiplex"))
         .arg("serve")
@@ -543,6 +551,7 @@ tokens = [{ env = "TEST_OPERATOR_TOKEN", role = "operator" },
         .arg(dir.path().join("data"))
         .env("TEST_OPERATOR_TOKEN", OPERATOR)
         .env("TEST_VIEWER_TOKEN", VIEWER)
+        .env("TEST_LANGFLOW_KEY", LANGFLOW_KEY)
         .env("RUST_LOG", "debug")
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log_path).unwrap())
@@ -560,37 +569,47 @@ tokens = [{ env = "TEST_OPERATOR_TOKEN", role = "operator" },
         .expect("the daemon announces its address");
     let http = reqwest::Client::new();
 
-    let submitted: Value = http
-        .post(format!("{base}/api/workflows"))
-        .bearer_auth(OPERATOR)
-        .json(&invert())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let run_url = format!("{base}/api/workflows/{}", submitted["id"].as_str().unwrap());
-    let deadline = std::time::Instant::now() + crate::util::PATIENCE;
-    let run = loop {
-        let run: Value = http
-            .get(&run_url)
-            .bearer_auth(VIEWER)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if run["state"] == "succeeded" {
-            break run;
+    let succeed = |workflow: Value| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let submitted: Value = http
+                .post(format!("{base}/api/workflows"))
+                .bearer_auth(OPERATOR)
+                .json(&workflow)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let run_url = format!("{base}/api/workflows/{}", submitted["id"].as_str().unwrap());
+            let deadline = std::time::Instant::now() + crate::util::PATIENCE;
+            loop {
+                let run: Value = http
+                    .get(&run_url)
+                    .bearer_auth(VIEWER)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if run["state"] == "succeeded" {
+                    break (run_url, run);
+                }
+                assert!(
+                    std::time::Instant::now() < deadline && run["state"] != "failed",
+                    "the run did not succeed: {run}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run never ended: {run}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
+    // Succeeds only if the key went to LangFlow with the run.
+    let talk = json!({"name": "keyed talk", "nodes": [{"id": "talk", "type": "langflow",
+        "data": {"flow": "echo", "input": "hello"}}], "edges": []});
+    succeed(talk).await;
+    let (run_url, run) = succeed(invert()).await;
     let artifact = run["steps"][0]["artifacts"][0]["url"].as_str().unwrap();
     let image = http
         .get(format!("{base}{artifact}?access_token={VIEWER}"))
@@ -598,6 +617,19 @@ tokens = [{ env = "TEST_OPERATOR_TOKEN", role = "operator" },
         .await
         .unwrap();
     assert_eq!(image.status(), 200);
+    // The key percent-encoded is still the token parameter, and still kept from the logs.
+    let encoded = http
+        .get(format!("{base}{artifact}?access%5Ftoken={VIEWER}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(encoded.status(), 200);
+    let encoded_misplaced = http
+        .get(format!("{run_url}?access%5ftoken={OPERATOR}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(encoded_misplaced.status(), 401);
     let misplaced = http
         .get(format!("{run_url}?access_token={OPERATOR}"))
         .send()
@@ -633,8 +665,8 @@ tokens = [{ env = "TEST_OPERATOR_TOKEN", role = "operator" },
         log.contains("refused: no valid token"),
         "the refusal was logged (so the check below saw request spans): {log}"
     );
-    for secret in [OPERATOR, VIEWER] {
-        assert!(!log.contains(secret), "a token is in the log:\n{log}");
+    for secret in [OPERATOR, VIEWER, LANGFLOW_KEY] {
+        assert!(!log.contains(secret), "a secret is in the log:\n{log}");
     }
 }
 

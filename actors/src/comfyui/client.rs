@@ -24,6 +24,17 @@ use crate::store::ArtifactFiles;
 /// How long to wait for a TCP connection to a node before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a short REST call (stats, queue, history, jobs, prompt, interrupt) may take, answer
+/// body included. ComfyUI answers these in milliseconds even while it samples; without a
+/// limit, a server that accepts connections but never answers (or a keep-alive connection
+/// dropped on the way) would hold a health probe or a job's history check forever.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest an upload may take: inputs are images or short videos sent over a home or office
+/// link, so minutes, not seconds, but still bounded. Downloads from `/view` have no total
+/// limit (a multi-GB video may stream for long); only their connect is bounded.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// How much of an unexpected answer's body is kept for the error message.
 const ERROR_BODY_LIMIT: usize = 2048;
 
@@ -134,12 +145,14 @@ impl ComfyClient {
             return Ok(JobLookup::Unsupported);
         }
         let url = self.url(&format!("api/jobs/{}", encode(prompt_id)))?;
-        let response = self.send(self.http.get(url.clone()), &url).await?;
+        let response = self
+            .send(self.http.get(url.clone()), &url, REQUEST_TIMEOUT)
+            .await?;
         let status = response.status();
         let text = response
             .text()
             .await
-            .map_err(|source| transport(&url, source))?;
+            .map_err(|source| transport(&url, source, REQUEST_TIMEOUT))?;
         let answer: Option<Value> = serde_json::from_str(&text).ok();
         let lookup = match (status, &answer) {
             (StatusCode::NOT_FOUND, Some(body)) if body.get("error").is_some() => {
@@ -172,13 +185,17 @@ impl ComfyClient {
         }
         let url = self.url("prompt")?;
         let response = self
-            .send(self.http.post(url.clone()).json(&body), &url)
+            .send(
+                self.http.post(url.clone()).json(&body),
+                &url,
+                REQUEST_TIMEOUT,
+            )
             .await?;
         let status = response.status();
         let text = response
             .text()
             .await
-            .map_err(|source| transport(&url, source))?;
+            .map_err(|source| transport(&url, source, REQUEST_TIMEOUT))?;
         if status == StatusCode::BAD_REQUEST {
             if let Ok(answer) = serde_json::from_str::<Value>(&text) {
                 return Err(ComfyError::Rejected {
@@ -242,10 +259,9 @@ impl ComfyClient {
             .text("type", "input")
             .text("overwrite", "true");
         let url = self.url("upload/image")?;
-        let response = self
-            .send(self.http.post(url.clone()).multipart(form), &url)
-            .await?;
-        let answer = json_answer(response, &url).await?;
+        let request = self.http.post(url.clone()).multipart(form);
+        let response = self.send(request, &url, UPLOAD_TIMEOUT).await?;
+        let answer = json_answer(response, &url, UPLOAD_TIMEOUT).await?;
         let field = |key: &str| answer.get(key).and_then(Value::as_str).map(str::to_string);
         let name = field("name").ok_or_else(|| ComfyError::Decode {
             url: url.to_string(),
@@ -271,7 +287,13 @@ impl ComfyClient {
             .append_pair("filename", &output.filename)
             .append_pair("subfolder", &output.subfolder)
             .append_pair("type", &output.folder_type);
-        let response = self.send(self.http.get(url.clone()), &url).await?;
+        // No total limit (see UPLOAD_TIMEOUT); the client's connect timeout still applies.
+        let response = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|source| transport(&url, source, CONNECT_TIMEOUT))?;
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
@@ -313,7 +335,11 @@ impl ComfyClient {
     async fn post_ok(&self, path: &str, body: &Value) -> Result<(), ComfyError> {
         let url = self.url(path)?;
         let response = self
-            .send(self.http.post(url.clone()).json(body), &url)
+            .send(
+                self.http.post(url.clone()).json(body),
+                &url,
+                REQUEST_TIMEOUT,
+            )
             .await?;
         let status = response.status();
         if status.is_success() {
@@ -325,19 +351,25 @@ impl ComfyClient {
 
     async fn get_json(&self, path: &str) -> Result<Value, ComfyError> {
         let url = self.url(path)?;
-        let response = self.send(self.http.get(url.clone()), &url).await?;
-        json_answer(response, &url).await
+        let response = self
+            .send(self.http.get(url.clone()), &url, REQUEST_TIMEOUT)
+            .await?;
+        json_answer(response, &url, REQUEST_TIMEOUT).await
     }
 
+    /// Sends a request that must be answered in full within `limit` (reqwest's per-request
+    /// timeout runs until the body has been read).
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
         url: &Url,
+        limit: Duration,
     ) -> Result<Response, ComfyError> {
         request
+            .timeout(limit)
             .send()
             .await
-            .map_err(|source| transport(url, source))
+            .map_err(|source| transport(url, source, limit))
     }
 
     fn url(&self, path: &str) -> Result<Url, ComfyError> {
@@ -384,12 +416,12 @@ fn encode(segment: &str) -> String {
     url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
 }
 
-async fn json_answer(response: Response, url: &Url) -> Result<Value, ComfyError> {
+async fn json_answer(response: Response, url: &Url, limit: Duration) -> Result<Value, ComfyError> {
     let status = response.status();
     let text = response
         .text()
         .await
-        .map_err(|source| transport(url, source))?;
+        .map_err(|source| transport(url, source, limit))?;
     if !status.is_success() {
         return Err(unexpected(url, status, &text));
     }
@@ -399,7 +431,15 @@ async fn json_answer(response: Response, url: &Url) -> Result<Value, ComfyError>
     })
 }
 
-fn transport(url: &Url, source: reqwest::Error) -> ComfyError {
+/// A request that did not complete; one that ran out of time (`limit`) says so, since
+/// reqwest's own message for it names only the URL.
+fn transport(url: &Url, source: reqwest::Error, limit: Duration) -> ComfyError {
+    if source.is_timeout() {
+        return ComfyError::TimedOut {
+            url: url.to_string(),
+            after: limit,
+        };
+    }
     ComfyError::Transport {
         url: url.to_string(),
         source,

@@ -34,6 +34,14 @@ pub const MAX_FRAME_SIZE: usize = 32 * 1024 * 1024;
 /// How long the WebSocket handshake plus the first `status` frame may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// After this long without a frame from the server, the socket sends a ping...
+pub const PING_AFTER: Duration = Duration::from_secs(20);
+/// ...and calls the socket dead when nothing at all (a pong or any frame) follows within this.
+/// ComfyUI (aiohttp) answers pings on its own. Without this, a half-open socket (a NAT or
+/// tunnel that dropped the connection silently) would look open forever on an idle node, and
+/// the prompts posted to it would have their events sent to a client that is not there.
+pub const PONG_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Announces that we understand binary type 4 previews, which name their prompt and node
 /// (servers that do not know the message ignore it).
 const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
@@ -107,6 +115,8 @@ pub async fn connect_events(base: &Url, client_id: &str) -> Result<EventStream, 
             partial: None,
             done: false,
             url: url.to_string(),
+            deadline: tokio::time::Instant::now() + PING_AFTER,
+            pinged: false,
         };
         reader
             .framed
@@ -129,7 +139,11 @@ pub async fn connect_events(base: &Url, client_id: &str) -> Result<EventStream, 
     };
     let (reader, queue_remaining, sid) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| ws_error("no status frame in time".into()))??;
+        .map_err(|_| {
+            ws_error(format!(
+                "timed out after {HANDSHAKE_TIMEOUT:?} waiting for the first status frame"
+            ))
+        })??;
     debug!(url = %url, sid = ?sid, "ComfyUI socket connected");
 
     // The first status is yielded too: it is the only one carrying `sid`, so whoever reads the
@@ -170,13 +184,17 @@ pub fn ws_url(base: &Url, client_id: &str) -> Result<Url, ComfyError> {
     Ok(url)
 }
 
-/// Reads frames, answers pings and reassembles fragmented messages.
+/// Reads frames, answers pings, pings a quiet server, and reassembles fragmented messages.
 struct FrameReader {
     framed: Framed<BoxedSocket, Codec>,
     /// A fragmented message being reassembled: whether it is text, and its bytes so far.
     partial: Option<(bool, BytesMut)>,
     done: bool,
     url: String,
+    /// When to ping (or, once pinged, to give up) if no frame arrives before.
+    deadline: tokio::time::Instant,
+    /// A ping is out and nothing has been heard since.
+    pinged: bool,
 }
 
 impl FrameReader {
@@ -185,7 +203,28 @@ impl FrameReader {
             return None;
         }
         loop {
-            let frame = match self.framed.next().await {
+            // `next()` is cancel-safe: a frame half read when the timer fires stays buffered.
+            let next = tokio::select! {
+                next = self.framed.next() => Some(next),
+                () = tokio::time::sleep_until(self.deadline) => None,
+            };
+            let Some(next) = next else {
+                if self.pinged {
+                    return self.fail(format!(
+                        "timed out: no answer to a ping in {PONG_TIMEOUT:?}"
+                    ));
+                }
+                trace!(url = %self.url, "socket quiet; pinging");
+                if let Err(err) = self.framed.send(Message::Ping(Bytes::new())).await {
+                    return self.fail(err.to_string());
+                }
+                self.pinged = true;
+                self.deadline = tokio::time::Instant::now() + PONG_TIMEOUT;
+                continue;
+            };
+            self.pinged = false;
+            self.deadline = tokio::time::Instant::now() + PING_AFTER;
+            let frame = match next {
                 Some(Ok(frame)) => frame,
                 Some(Err(err)) => return self.fail(err.to_string()),
                 None => return self.fail("connection ended".into()),

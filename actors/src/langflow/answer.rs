@@ -175,9 +175,16 @@ fn stream_error_message(data: &Value) -> String {
 }
 
 /// Splits a byte stream into blank-line-separated blocks, across chunk boundaries.
+///
+/// An `end` event repeats the whole result and can arrive in thousands of small chunks, so
+/// each push searches only the bytes not searched before (plus the 3 before them, where a
+/// separator split across chunks may start) and drains the buffer once: linear in the
+/// stream's length, not quadratic in the event's.
 #[derive(Debug, Default)]
 pub struct BlockSplitter {
     buffer: Vec<u8>,
+    /// Where the next search for a blank line starts: no separator begins before it.
+    searched: usize,
 }
 
 impl BlockSplitter {
@@ -185,10 +192,17 @@ impl BlockSplitter {
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<String>, String> {
         self.buffer.extend_from_slice(chunk);
         let mut blocks = Vec::new();
-        while let Some((end, sep)) = find_blank_line(&self.buffer) {
-            let block: Vec<u8> = self.buffer.drain(..end + sep).take(end).collect();
-            blocks.push(String::from_utf8_lossy(&block).into_owned());
+        let mut start = 0;
+        let mut from = self.searched;
+        while let Some((at, sep)) = find_blank_line(&self.buffer[from..]) {
+            let end = from + at;
+            blocks.push(String::from_utf8_lossy(&self.buffer[start..end]).into_owned());
+            start = end + sep;
+            from = start;
         }
+        self.buffer.drain(..start);
+        // The longest separator is 4 bytes: one that starts in the last 3 may still complete.
+        self.searched = self.buffer.len().saturating_sub(3);
         if self.buffer.len() > MAX_STREAM_EVENT {
             return Err(format!("a stream event exceeds {MAX_STREAM_EVENT} bytes"));
         }
@@ -202,17 +216,22 @@ impl BlockSplitter {
     }
 }
 
-/// Position and length of the first `\n\n` or `\r\n\r\n`.
+/// Position and length of the first `\n\n` or `\r\n\r\n`, in one pass over the bytes (two
+/// searches, one per separator, would each run to the end when only the other one is there).
 fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
-    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buffer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
+    let mut from = 0;
+    while let Some(at) = buffer[from..].iter().position(|&byte| byte == b'\n') {
+        let newline = from + at;
+        if buffer.get(newline + 1) == Some(&b'\n') {
+            return Some((newline, 2));
+        }
+        let after_cr = newline > 0 && buffer[newline - 1] == b'\r';
+        if after_cr && buffer.get(newline + 1..newline + 3) == Some(b"\r\n") {
+            return Some((newline - 1, 4));
+        }
+        from = newline + 1;
     }
+    None
 }
 
 /// Maps an error status to the error it means. `body` is the raw answer.
@@ -384,6 +403,27 @@ mod tests {
             splitter.finish().as_deref(),
             Some(r#"{"event": "end", "data": {}}"#)
         );
+    }
+
+    /// A multi-MB `end` event in 16-byte chunks, with separators split across chunks:
+    /// every block comes out whole, and the splitter keeps up (a rescan of the buffer per
+    /// chunk would take minutes here).
+    #[test]
+    fn a_large_event_in_small_chunks_splits_whole() {
+        let text = "x".repeat(4 * 1024 * 1024);
+        let end = format!(r#"{{"event": "end", "data": {{"result": {{"text": "{text}"}}}}}}"#);
+        let stream = format!("{{\"event\": \"token\"}}\r\n\r\n{end}\n\n{{\"event\": \"a\"}}\n\n");
+        let mut splitter = BlockSplitter::default();
+        let mut blocks = Vec::new();
+        for chunk in stream.as_bytes().chunks(16) {
+            blocks.extend(splitter.push(chunk).unwrap());
+        }
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks[0], r#"{"event": "token"}"#);
+        assert_eq!(blocks[1].len(), end.len());
+        assert!(blocks[1] == end);
+        assert_eq!(blocks[2], r#"{"event": "a"}"#);
+        assert_eq!(splitter.finish(), None);
     }
 
     #[test]

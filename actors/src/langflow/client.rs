@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use reqwest::header::HeaderValue;
 use reqwest::multipart::{Form, Part};
 use reqwest::{RequestBuilder, Response};
 use serde::Serialize;
@@ -22,6 +23,13 @@ use crate::config::LangflowServiceConfig;
 /// have no client-side timeout: an LLM flow may take minutes, and a proxy in front of LangFlow
 /// reports its own timeout (see [`LangflowError::UnknownOutcome`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest the health check and a session's message lookup may take, answer included: a
+/// server that accepts connections but never answers must fail the probe, not stall it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a file upload may take: bounded, but long enough for a video over a slow link.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A client for one LangFlow server. Cheap to clone. Its `Debug` output hides the API key.
 #[derive(Clone)]
@@ -83,7 +91,8 @@ impl LangflowClient {
     pub async fn health(&self) -> Result<(), LangflowError> {
         let flow = "(health check)";
         let url = self.url(flow, "health_check")?;
-        let response = self.send(flow, &url, self.http.get(url.clone())).await?;
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        let response = self.send(flow, &url, request).await?;
         let answer = json_answer(flow, &url, response).await?;
         let bad: Vec<String> = answer
             .as_object()
@@ -132,6 +141,7 @@ impl LangflowClient {
         let request = self
             .http
             .post(url.clone())
+            .timeout(UPLOAD_TIMEOUT)
             .multipart(Form::new().part("file", part));
         let response = self.send(flow_id, &url, request).await?;
         let answer = json_answer(flow_id, &url, response).await?;
@@ -222,7 +232,8 @@ impl LangflowClient {
         let label = format!("(messages of session {session_id})");
         let mut url = self.url(&label, "api/v1/monitor/messages")?;
         url.query_pairs_mut().append_pair("session_id", session_id);
-        let response = self.send(&label, &url, self.http.get(url.clone())).await?;
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        let response = self.send(&label, &url, request).await?;
         let answer = json_answer(&label, &url, response).await?;
         let Some(entries) = answer.as_array() else {
             return Err(LangflowError::Decode {
@@ -243,7 +254,7 @@ impl LangflowClient {
         url: &Url,
         request: RequestBuilder,
     ) -> Result<Response, LangflowError> {
-        let request = match &self.api_key {
+        let request = match self.api_key_header(flow)? {
             Some(key) => request.header("x-api-key", key),
             None => request,
         };
@@ -253,9 +264,23 @@ impl LangflowClient {
             .map_err(|err| LangflowError::Transport {
                 flow: flow.into(),
                 url: url.to_string(),
-                // reqwest's message names the URL, never our headers.
-                detail: err.to_string(),
+                detail: transport_detail(&err),
             })
+    }
+
+    /// The key as a header value marked sensitive, so hyper's HPACK encoder never indexes it
+    /// and anything that prints headers shows it redacted.
+    fn api_key_header(&self, flow: &str) -> Result<Option<HeaderValue>, LangflowError> {
+        let Some(key) = &self.api_key else {
+            return Ok(None);
+        };
+        let mut value = HeaderValue::from_str(key).map_err(|_| LangflowError::Decode {
+            flow: flow.into(),
+            // Never the key itself: only what is wrong with it.
+            detail: "the configured API key is not a valid header value".into(),
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
     }
 
     fn url(&self, flow: &str, path: &str) -> Result<Url, LangflowError> {
@@ -283,6 +308,16 @@ fn check_session(flow: &str, sent: &str, answer: RunAnswer) -> Result<RunAnswer,
     }
 }
 
+/// reqwest's message names the URL, never our headers; a timeout is said in so many words,
+/// since reqwest's message for it does not.
+fn transport_detail(err: &reqwest::Error) -> String {
+    if err.is_timeout() {
+        format!("timed out: {err}")
+    } else {
+        err.to_string()
+    }
+}
+
 async fn json_answer(flow: &str, url: &Url, response: Response) -> Result<Value, LangflowError> {
     let status = response.status();
     let body = response
@@ -291,7 +326,7 @@ async fn json_answer(flow: &str, url: &Url, response: Response) -> Result<Value,
         .map_err(|err| LangflowError::Transport {
             flow: flow.into(),
             url: url.to_string(),
-            detail: err.to_string(),
+            detail: transport_detail(&err),
         })?;
     if !status.is_success() {
         return Err(error_from_status(flow, status.as_u16(), &body));
@@ -328,6 +363,23 @@ mod tests {
         let shown = format!("{client:?}");
         assert!(!shown.contains("sk-very-secret"));
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn the_key_header_is_sensitive() {
+        let client = LangflowClient::new(
+            Url::parse("http://127.0.0.1:7860").unwrap(),
+            Some("sk-very-secret".into()),
+        );
+        let value = client.api_key_header("f").unwrap().expect("a key is set");
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("sk-very-secret"));
+        let broken = LangflowClient::new(
+            Url::parse("http://127.0.0.1:7860").unwrap(),
+            Some("line\nbreak".into()),
+        );
+        let err = broken.api_key_header("f").unwrap_err().to_string();
+        assert!(!err.contains("line"), "{err}");
     }
 
     #[test]
