@@ -558,6 +558,8 @@ impl Supervised for GpuNode {
             .drain()
             .map(|(_, running)| Task {
                 resume: true,
+                // The id the server runs the prompt under, if the task had learned it.
+                server_id: running.server_id.get().or(running.task.server_id.clone()),
                 ..running.task
             })
             .collect();

@@ -127,9 +127,11 @@ async fn run_comfy(
         // died before recording the server's answer, or posted it again after the server
         // forgot it). Our id in its extra data finds it.
         match comfyui::locate(client, ours).await {
-            Ok(Some(found)) if found != following => {
-                adopt(task, comfy, &services.node, ours, &found).await?;
-                following = found;
+            Ok(Some(found)) => {
+                if found != following {
+                    adopt(task, comfy, &services.node, ours, &found).await?;
+                    following = found;
+                }
                 let progress = |event| report_progress(task, &services.node, event);
                 let events = comfy.events.subscribe();
                 match comfyui::resume_job(client, &following, kind, events, files, progress).await {
@@ -137,7 +139,7 @@ async fn run_comfy(
                     other => return other.map_err(comfy_failure),
                 }
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(err) => return Err(comfy_failure(err)),
         }
         resending(task, &services.node, ours);
@@ -163,8 +165,9 @@ async fn run_comfy(
     }
 }
 
-/// Makes `server_id` the id the prompt is followed and cancelled by: recorded durably with
-/// the step first (so a restart does not have to find it again), then told to the node.
+/// Makes `server_id` the id the prompt is followed and cancelled by: told to the node at
+/// once, and recorded durably with the step before the caller follows the prompt, so a
+/// restart does not have to find it again.
 async fn adopt(
     task: &Task,
     comfy: &ComfyService,
