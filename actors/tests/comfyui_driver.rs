@@ -762,7 +762,7 @@ async fn minting_servers_cancel_only_our_prompt() {
     })
     .await;
     let done = cancel(&node.client, &ours, None).await.expect("cancelled");
-    assert_eq!(done.dequeued, [ours_server.clone()]);
+    assert_eq!(done.dequeued, vec![ours_server.clone()]);
     assert_eq!(
         done.interrupted, None,
         "ours was not running: nothing interrupted"
