@@ -201,6 +201,10 @@ struct ComfySimArgs {
     /// Answer WebSocket upgrades with 503.
     #[arg(long)]
     refuse_ws: bool,
+    /// Ignore the client's prompt id and mint one, like older ComfyUI; `/interrupt` then
+    /// ignores its body too.
+    #[arg(long)]
+    mint_prompt_ids: bool,
 }
 
 impl ComfySimArgs {
@@ -212,6 +216,7 @@ impl ComfySimArgs {
         switches.stall |= self.stall;
         switches.drop_socket_next = self.drop_socket_next.unwrap_or(switches.drop_socket_next);
         switches.refuse_ws |= self.refuse_ws;
+        switches.mint_prompt_ids |= self.mint_prompt_ids;
         config.step_ms = self.step_ms.unwrap_or(config.step_ms);
         config.model_load_ms = self.model_load_ms.unwrap_or(config.model_load_ms);
         config.preview_bytes = self.preview_bytes.unwrap_or(config.preview_bytes);

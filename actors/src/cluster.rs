@@ -400,9 +400,13 @@ fn unresumable_error(record: &RunRecord, issues: &[ValidationIssue]) -> String {
         .filter_map(|s| {
             let node = s.node.as_deref()?;
             match s.remote.as_ref()? {
-                RemoteRef::Comfyui { prompt_id } => Some(format!(
-                    "step {} (ComfyUI prompt {prompt_id} on {node})",
-                    s.id
+                RemoteRef::Comfyui {
+                    prompt_id,
+                    server_prompt_id,
+                } => Some(format!(
+                    "step {} (ComfyUI prompt {} on {node})",
+                    s.id,
+                    server_prompt_id.as_deref().unwrap_or(prompt_id)
                 )),
                 RemoteRef::Langflow { session_id } => Some(format!(
                     "step {} (LangFlow session {session_id} on {node})",

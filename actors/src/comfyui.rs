@@ -4,6 +4,9 @@
 //!
 //! - [`client`]: REST calls. We choose each prompt id and send it, so a restarted daemon can
 //!   find its work again with `GET /history/{id}` and `GET /queue` (DESIGN.md section 5).
+//!   Older servers mint their own id instead: the node records the id they answer with and
+//!   uses it for every later request, and [`locate`] finds a prompt whose answer was never
+//!   recorded by our id in the extra data of queue and recent history entries.
 //! - [`events`]: pure parsing of text and binary socket frames.
 //! - [`socket`]: the awc WebSocket a node keeps open, one per ComfyUI server.
 //! - [`job`]: upload inputs, submit, follow the events, read the history, store the outputs.
@@ -26,7 +29,10 @@ use serde_json::Value;
 pub use client::{Accepted, ComfyClient, JobLookup, UploadedImage};
 pub use events::{ComfyEvent, ExecutionErrorEvent, Preview};
 pub use history::{Device, HistoryEntry, OutputFile, QueueState, SystemStats};
-pub use job::{resume_job, run_job, JobError, JobProgress, TRANSPORT_GRACE};
+pub use job::{
+    cancel, follow_job, locate, resume_job, run_job, submit_job, Cancelled, JobError, JobProgress,
+    EXTRA_DATA_PROMPT_ID, RECENT_HISTORY_ITEMS, TRANSPORT_GRACE,
+};
 pub use socket::{connect_events, EventStream, MAX_FRAME_SIZE};
 
 use crate::store::StoreError;

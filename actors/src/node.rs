@@ -29,7 +29,7 @@ use crate::scheduler::{NodeStatus, Scheduler};
 use crate::store::ArtifactFiles;
 use crate::task::{RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
 
-use execute::{ComfyService, LangflowService, Services};
+use execute::{ComfyService, LangflowService, ServerIdCell, Services};
 
 /// How often services are probed for health (a probe still under way is not doubled).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -109,6 +109,8 @@ struct LangflowState {
 struct RunningTask {
     handle: SpawnHandle,
     task: Task,
+    /// The id the server runs the task's prompt under, once the task knows it.
+    server_id: ServerIdCell,
 }
 
 /// What the node last told the scheduler, to report changes only.
@@ -418,7 +420,8 @@ impl GpuNode {
 
     fn run_task(&mut self, task: Task, ctx: &mut Context<Self>) {
         let key = task.key.clone();
-        let services = match self.services_for(&task) {
+        let server_id = ServerIdCell::default();
+        let services = match self.services_for(&task, &server_id) {
             Ok(services) => services,
             Err(failure) => {
                 self.finish(&task, TaskEvent::Failed(failure));
@@ -432,16 +435,24 @@ impl GpuNode {
                 act.finish(&running.task, event);
             }
         }));
-        self.running.insert(key, RunningTask { handle, task });
+        self.running.insert(
+            key,
+            RunningTask {
+                handle,
+                task,
+                server_id,
+            },
+        );
     }
 
     /// The clients a task needs, or why this node cannot run it.
-    fn services_for(&self, task: &Task) -> Result<Services, TaskFailure> {
+    fn services_for(&self, task: &Task, server_id: &ServerIdCell) -> Result<Services, TaskFailure> {
         let node = self.config.name.clone();
         let comfy = self.comfy.as_ref().map(|state| ComfyService {
             client: state.client.clone(),
             client_id: state.client_id.clone(),
             events: state.events.clone(),
+            server_id: server_id.clone(),
         });
         let langflow = match &task.job {
             RemoteJob::Langflow(job) => {
@@ -524,12 +535,17 @@ impl GpuNode {
         if let (RemoteJob::Comfy(_), Some(comfy)) = (&running.task.job, self.comfy.as_ref()) {
             let client = comfy.client.clone();
             let prompt_id = running.task.remote_id.clone();
+            // By the id the server knows; `cancel` interrupts only what /queue shows is ours,
+            // since older servers interrupt whatever runs.
+            let server_id = running.server_id.get().or(running.task.server_id.clone());
+            let node = self.config.name.clone();
             actix::spawn(async move {
-                if let Err(err) = client.delete_queued(std::slice::from_ref(&prompt_id)).await {
-                    debug!(prompt_id = %prompt_id, error = %err, "dequeue on abort failed");
-                }
-                if let Err(err) = client.interrupt(&prompt_id).await {
-                    debug!(prompt_id = %prompt_id, error = %err, "interrupt on abort failed");
+                match comfyui::cancel(&client, &prompt_id, server_id.as_deref()).await {
+                    Ok(done) => info!(node = %node, prompt_id = %prompt_id,
+                        dequeued = ?done.dequeued, interrupted = ?done.interrupted,
+                        "prompt cancelled"),
+                    Err(err) => warn!(node = %node, prompt_id = %prompt_id, error = %err,
+                        "cancelling the prompt failed"),
                 }
             });
         }
@@ -590,6 +606,8 @@ impl Supervised for GpuNode {
             .drain()
             .map(|(_, running)| Task {
                 resume: true,
+                // The id the server runs the prompt under, if the task had learned it.
+                server_id: running.server_id.get().or(running.task.server_id.clone()),
                 ..running.task
             })
             .collect();

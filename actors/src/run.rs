@@ -19,7 +19,9 @@ use crate::activity::{Activity, ActivityHub, Publish};
 use crate::artifact::{ArtifactKind, ArtifactMeta};
 use crate::scheduler::{CancelRun, Enqueue, Scheduler};
 use crate::store::{RemoteRef, RunRecord, RunState, StepError, StepRecord, StepState, Store};
-use crate::task::{ConfirmPlacement, RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
+use crate::task::{
+    ConfirmPlacement, RecordServerId, RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate,
+};
 use crate::workflow::{Catalog, InputArtifact, Job, Plan, Service};
 
 /// Largest text artifact read into memory to feed a downstream step's prompt.
@@ -443,10 +445,8 @@ impl WorkflowRun {
         let Some(requirement) = self.plan.step(step_id).and_then(|s| s.requirement.clone()) else {
             return;
         };
-        let remote_id = match &step.remote {
-            Some(RemoteRef::Comfyui { prompt_id }) => prompt_id.clone(),
-            Some(RemoteRef::Langflow { session_id }) => session_id.clone(),
-            None => return,
+        let Some((remote_id, server_id)) = remote_ids(step.remote.as_ref()) else {
+            return;
         };
         let key = TaskKey {
             run_id: self.record.id.clone(),
@@ -455,6 +455,7 @@ impl WorkflowRun {
         };
         let mut task = Self::task(addr, key, requirement, job.clone(), remote_id);
         task.lease = self.lease.clone();
+        task.server_id = server_id;
         let task = Task {
             resume: true,
             pinned_node: Some(node),
@@ -475,8 +476,10 @@ impl WorkflowRun {
             requirement,
             job,
             remote_id,
+            server_id: None,
             updates: addr.clone().recipient(),
-            placement: addr.recipient(),
+            placement: addr.clone().recipient(),
+            server_ids: addr.recipient(),
             resume: false,
             pinned_node: None,
             avoid_nodes: Vec::new(),
@@ -497,20 +500,19 @@ impl WorkflowRun {
         let Some(step) = self.record.step_mut(step_id) else {
             return;
         };
-        let known_remote_id = match &step.remote {
-            Some(RemoteRef::Comfyui { prompt_id }) => Some(prompt_id.clone()),
-            Some(RemoteRef::Langflow { session_id }) => Some(session_id.clone()),
-            None => None,
-        };
-        let (remote_id, check_first_on) = match (known_remote_id, options.check_first_on) {
-            (Some(id), Some(node)) => (id, Some(node)),
-            _ => (uuid::Uuid::new_v4().to_string(), None),
+        let known = remote_ids(step.remote.as_ref());
+        // An attempt that first checks the old node keeps both ids, the server's included:
+        // that is what the node knows the work by.
+        let (remote_id, server_id, check_first_on) = match (known, options.check_first_on) {
+            (Some((id, server_id)), Some(node)) => (id, server_id, Some(node)),
+            _ => (uuid::Uuid::new_v4().to_string(), None, None),
         };
         step.attempts += 1;
         step.state = StepState::Queued;
         step.remote = Some(match requirement.service {
             Service::ComfyUi => RemoteRef::Comfyui {
                 prompt_id: remote_id.clone(),
+                server_prompt_id: server_id.clone(),
             },
             Service::LangFlow => RemoteRef::Langflow {
                 session_id: remote_id.clone(),
@@ -529,6 +531,7 @@ impl WorkflowRun {
         let mut task = Self::task(ctx.address(), key, requirement, job, remote_id);
         task.lease = self.lease.clone();
         let task = Task {
+            server_id,
             avoid_nodes: options.avoid_nodes,
             more_vram_than: options.more_vram_than,
             resume: check_first_on.is_some(),
@@ -823,6 +826,17 @@ impl WorkflowRun {
     }
 }
 
+/// Our id of a step's remote work, and the service's own id for it where one is recorded.
+fn remote_ids(remote: Option<&RemoteRef>) -> Option<(String, Option<String>)> {
+    match remote? {
+        RemoteRef::Comfyui {
+            prompt_id,
+            server_prompt_id,
+        } => Some((prompt_id.clone(), server_prompt_id.clone())),
+        RemoteRef::Langflow { session_id } => Some((session_id.clone(), None)),
+    }
+}
+
 /// Does a step's daemon-side part: reads text inputs, renders the job, and runs it when the
 /// daemon itself is the one to run it.
 async fn prepare(
@@ -992,5 +1006,50 @@ impl Handler<ConfirmPlacement> for WorkflowRun {
             async move { store.save_run(&record).await.map_err(|err| err.to_string()) }
                 .into_actor(self),
         )
+    }
+}
+
+impl Handler<RecordServerId> for WorkflowRun {
+    type Result = ResponseFuture<Result<(), String>>;
+
+    /// Records the id the service runs the work under, and answers once that is durable:
+    /// the node follows (and a cancel stops) the work by that id only after this, so a
+    /// restart never has to guess it. The save waits in the actor's queue like every other
+    /// transition, so no older snapshot of the record can overwrite it.
+    fn handle(&mut self, msg: RecordServerId, ctx: &mut Self::Context) -> Self::Result {
+        let wanted = self
+            .record
+            .step(&msg.key.step_id)
+            .is_some_and(|s| s.attempts == msg.key.attempt && !s.state.is_terminal());
+        let step = self.record.step_mut(&msg.key.step_id);
+        let remote = step.as_ref().and_then(|s| s.remote.clone());
+        let (Some(step), true, Some(RemoteRef::Comfyui { prompt_id, .. })) = (step, wanted, remote)
+        else {
+            let refused = format!("task {} is no longer wanted", msg.key);
+            return Box::pin(async move { Err(refused) });
+        };
+        info!(run_id = %msg.key.run_id, step = %msg.key.step_id, prompt_id = %prompt_id,
+            server_id = %msg.server_id, "the node runs the prompt under its own id");
+        step.remote = Some(RemoteRef::Comfyui {
+            prompt_id,
+            server_prompt_id: Some(msg.server_id),
+        });
+        if step.state == StepState::Assigned {
+            step.state = StepState::Submitted;
+        }
+        let step = step.clone();
+        self.publish_step(&step);
+        let (done, saved) = tokio::sync::oneshot::channel();
+        let store = self.services.store.clone();
+        let record = self.record.clone();
+        let save = async move { store.save_run(&record).await };
+        ctx.wait(save.into_actor(self).map(move |result, _act, _ctx| {
+            let _ = done.send(result.map_err(|err| err.to_string()));
+        }));
+        Box::pin(async move {
+            saved
+                .await
+                .unwrap_or_else(|_| Err("the run stopped before recording the id".into()))
+        })
     }
 }

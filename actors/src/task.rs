@@ -36,10 +36,16 @@ pub struct Task {
     /// Our id for the remote work (a ComfyUI prompt id or a LangFlow session id), recorded in
     /// the store before the task was queued.
     pub remote_id: String,
+    /// The id the service runs the work under when it is not ours (older ComfyUI mints its
+    /// own), as recorded with the step; `None` while unknown.
+    pub server_id: Option<String>,
     /// Where progress and the outcome go.
     pub updates: Recipient<TaskUpdate>,
     /// Asked, and awaited, before the node sends anything remote: the run records the node.
     pub placement: Recipient<ConfirmPlacement>,
+    /// Asked, and awaited, before the node follows work the service took under an id of its
+    /// own: the run records that id, so a restart and a cancel use it.
+    pub server_ids: Recipient<RecordServerId>,
     /// The work may already have been sent (before a restart or while a node was away): the
     /// node first asks its service where the work stands, and sends it only if the service
     /// does not know it.
@@ -61,6 +67,7 @@ impl std::fmt::Debug for Task {
         f.debug_struct("Task")
             .field("key", &self.key)
             .field("remote_id", &self.remote_id)
+            .field("server_id", &self.server_id)
             .finish()
     }
 }
@@ -72,6 +79,15 @@ impl std::fmt::Debug for Task {
 pub struct ConfirmPlacement {
     pub key: TaskKey,
     pub node: String,
+}
+
+/// Sent by a node once a service answered with an id of its own for the work (or the node
+/// found it under one); the run records it with the step and answers once it is durable.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct RecordServerId {
+    pub key: TaskKey,
+    pub server_id: String,
 }
 
 /// What a node reports about a task.

@@ -1,14 +1,19 @@
 //! Stored runs that no live actor drives: a run that no longer validates against the
-//! config it is resumed under, and a cancel of an unfinished run that was never resumed.
+//! config it is resumed under, a cancel of an unfinished run that was never resumed, and a
+//! run resumed on an older ComfyUI that ran its prompt under an id the store never got.
 //!
 //! Guards against runs that stayed `running` forever after a restart on a config without
-//! a node they need, and answered 409 ("has already ended") to a cancel.
+//! a node they need, answered 409 ("has already ended") to a cancel, or had their GPU work
+//! done twice because the daemon died between posting a prompt and recording its answer.
 
 use multiplex_actors::activity::{Activity, EventsSince, Filter};
 use multiplex_actors::cluster::Cluster;
-use multiplex_actors::config::ClusterConfig;
+use multiplex_actors::comfyui::{submit_job, ComfyClient};
+use multiplex_actors::config::{ClusterConfig, NodeConfig};
 use multiplex_actors::store::{RemoteRef, RunRecord, RunState, StepRecord, StepState, Store};
+use multiplex_actors::workflow::ComfyJob;
 use multiplex_actors::workflow::TemplateLibrary;
+use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
 use serde_json::json;
 
 /// A cluster with no nodes at all, so no image or narration step validates.
@@ -32,6 +37,7 @@ fn running_record(id: &str) -> RunRecord {
     still.attempts = 1;
     still.remote = Some(RemoteRef::Comfyui {
         prompt_id: "prompt-1".into(),
+        server_prompt_id: None,
     });
     RunRecord {
         id: id.to_string(),
@@ -141,4 +147,115 @@ async fn cancelling_a_stored_unfinished_run_without_an_actor_cancels_it() {
         ),
         "a second cancel finds it ended: {again:?}"
     );
+}
+
+#[actix_rt::test]
+async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted_again() {
+    // An older ComfyUI, minting its own prompt ids.
+    let mut sim_config = ComfySimConfig {
+        step_ms: 5,
+        model_load_ms: 1,
+        ..ComfySimConfig::default()
+    };
+    sim_config.switches.mint_prompt_ids = true;
+    let addr = "127.0.0.1:0".parse().expect("a socket address");
+    let sim = ComfySim::start(sim_config, addr)
+        .await
+        .expect("the simulator starts");
+
+    // The daemon that died had posted the prompt under our id (in the extra data too) and
+    // never recorded the server's answer.
+    let ours = uuid::Uuid::new_v4().to_string();
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 3,
+              "sigma": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "mx"}}
+    });
+    let job = ComfyJob {
+        prompt,
+        uploads: Vec::new(),
+        output_kind: multiplex_actors::artifact::ArtifactKind::Image,
+    };
+    let client = ComfyClient::new(sim.url());
+    let server_id = submit_job(&client, &job, &ours, "the-daemon-that-died", |_| {})
+        .await
+        .expect("the prompt is accepted");
+    assert_ne!(server_id, ours);
+
+    let dir = tempfile::tempdir().expect("a temporary directory can be created");
+    let node: NodeConfig = serde_json::from_value(json!({
+        "name": "img-a",
+        "gpus": [{"model": "RTX A6000", "vram_mb": 49140}],
+        "comfyui": {"url": sim.url().to_string(), "capabilities": ["image"]}
+    }))
+    .expect("a node config");
+    let config = ClusterConfig {
+        default_image_template: "flux-txt2img".into(),
+        default_video_template: "wan21-i2v".into(),
+        nodes: vec![node],
+        node_grace_ms: 30_000,
+    };
+    let templates = TemplateLibrary::builtin().expect("the built-in templates load");
+    let store = Store::open(dir.path()).expect("the store opens");
+    let cluster = Cluster::start(config, templates, store).expect("the cluster starts");
+
+    let id = "0190a000-0000-7000-8000-000000000003";
+    let mut still = StepRecord::new("still", "image");
+    still.state = StepState::Submitted;
+    still.node = Some("img-a".into());
+    still.attempts = 1;
+    still.remote = Some(RemoteRef::Comfyui {
+        prompt_id: ours.clone(),
+        server_prompt_id: None,
+    });
+    let record = RunRecord {
+        id: id.to_string(),
+        name: "one still".into(),
+        state: RunState::Running,
+        created_at: time::OffsetDateTime::now_utc(),
+        finished_at: None,
+        error: None,
+        document: json!({
+            "name": "one still",
+            "nodes": [{"id": "still", "type": "image", "data": {"prompt": "dawn", "steps": 4}}],
+            "edges": []
+        }),
+        steps: vec![still],
+    };
+    cluster.store().save_run(&record).await.expect("stored");
+    assert_eq!(cluster.resume_unfinished().await.expect("resumed"), 1);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let run = loop {
+        let run = cluster.run(id).await.expect("the run is listed");
+        if run.state.is_terminal() {
+            break run;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run never ended: {run:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    let still = step(&run, "still");
+    assert_eq!(still.artifacts.len(), 1);
+    assert_eq!(
+        still.remote,
+        Some(RemoteRef::Comfyui {
+            prompt_id: ours.clone(),
+            server_prompt_id: Some(server_id.clone()),
+        }),
+        "the server's id was adopted and recorded"
+    );
+    let stored = cluster.store().get_run(id).expect("reads").expect("stored");
+    assert_eq!(
+        stored.step("still").and_then(|s| s.remote.clone()),
+        still.remote
+    );
+    assert_eq!(sim.prompts_received(), 1, "the prompt was not posted again");
+    assert_eq!(sim.prompts_by_id().get(&ours), Some(&1));
+    sim.stop().await;
 }

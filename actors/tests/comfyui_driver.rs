@@ -7,13 +7,17 @@
 //! whose event channel is gone still finishes by polling. The `resume_*` tests guard the
 //! exactly-once rule of DESIGN.md section 5: a prompt picked up again after a restart is
 //! collected or followed, never posted a second time, and one the node forgot is `Lost`.
+//! The `minting_*` tests play an older ComfyUI that ignores our prompt id and mints its own:
+//! the job follows the server's id, `locate` finds the prompt by our id in the extra data of
+//! the queue and recent history, and `cancel` interrupts only a prompt that is ours.
 
 use std::net::SocketAddr;
 
 use futures_util::StreamExt;
 use multiplex_actors::artifact::ArtifactKind;
 use multiplex_actors::comfyui::{
-    connect_events, resume_job, run_job, ComfyClient, ComfyEvent, JobError, JobLookup, JobProgress,
+    cancel, connect_events, locate, resume_job, run_job, submit_job, ComfyClient, ComfyEvent,
+    JobError, JobLookup, JobProgress,
 };
 use multiplex_actors::store::Store;
 use multiplex_actors::workflow::{ComfyJob, UploadSlot};
@@ -103,6 +107,22 @@ impl Harness {
             .expect("prompt accepted");
         assert_eq!(accepted.prompt_id, prompt_id);
         prompt_id
+    }
+
+    /// Posts `prompt` under a new id of ours as the node does (our id in the extra data too),
+    /// on a server that may mint its own; returns ours and the server's.
+    async fn post_tagged(&self, prompt: &Value) -> (String, String) {
+        let ours = uuid::Uuid::new_v4().to_string();
+        let server_id = submit_job(
+            &self.client,
+            &job(prompt.clone()),
+            &ours,
+            &self.client_id,
+            |_| {},
+        )
+        .await
+        .expect("prompt accepted");
+        (ours, server_id)
     }
 
     async fn resume(
@@ -655,4 +675,111 @@ async fn resuming_uses_the_jobs_route_where_the_server_has_it() {
         JobLookup::Unsupported
     );
     old.sim.stop().await;
+}
+
+fn minting() -> ComfySimConfig {
+    let mut config = fast();
+    config.switches.mint_prompt_ids = true;
+    config
+}
+
+#[actix_rt::test]
+async fn minting_servers_are_followed_by_their_own_id() {
+    let node = Harness::start(minting()).await;
+    let (outcome, progress) = node.run(&job(basic_prompt())).await;
+    let artifacts = outcome.expect("job succeeds");
+    assert_eq!(artifacts.len(), 1);
+    let Some(JobProgress::Submitted { prompt_id, .. }) = progress.first() else {
+        panic!("no submission reported: {progress:?}");
+    };
+    assert!(
+        node.client
+            .history(prompt_id)
+            .await
+            .expect("history")
+            .is_some(),
+        "the reported id is the server's"
+    );
+    assert!(progress.contains(&JobProgress::Started), "{progress:?}");
+    assert_eq!(node.sim.prompts_received(), 1);
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn minting_servers_prompts_are_located_by_our_id() {
+    let node = Harness::start(ComfySimConfig {
+        step_ms: 5,
+        ..minting()
+    })
+    .await;
+    let (running, running_server) = node.post_tagged(&sampler_prompt(60)).await;
+    let (pending, pending_server) = node.post_tagged(&basic_prompt()).await;
+    assert_ne!(running, running_server, "the server minted its own id");
+    // By our id alone, the server knows neither.
+    assert!(matches!(
+        node.resume(&running, |_| {}).await,
+        Err(JobError::Lost { .. })
+    ));
+    let found = locate(&node.client, &running).await.expect("located");
+    assert_eq!(found.as_deref(), Some(running_server.as_str()), "running");
+    let found = locate(&node.client, &pending).await.expect("located");
+    assert_eq!(found.as_deref(), Some(pending_server.as_str()), "pending");
+    let unknown = uuid::Uuid::new_v4().to_string();
+    assert_eq!(locate(&node.client, &unknown).await.expect("looked"), None);
+
+    // Finished: found in the recent history by the extra data of its prompt tuple.
+    eventually("both prompts finish", || async {
+        matches!(node.client.history(&pending_server).await, Ok(Some(_)))
+    })
+    .await;
+    let found = locate(&node.client, &running).await.expect("located");
+    assert_eq!(found.as_deref(), Some(running_server.as_str()), "finished");
+    let artifacts = node
+        .resume(&running_server, |_| {})
+        .await
+        .expect("collected by the server's id");
+    assert_eq!(artifacts.len(), 1);
+    assert_eq!(node.sim.prompts_received(), 2, "nothing posted again");
+    assert!(node.sim.duplicate_prompts().is_empty());
+    node.sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn minting_servers_cancel_only_our_prompt() {
+    let node = Harness::start(ComfySimConfig {
+        step_ms: 5,
+        ..minting()
+    })
+    .await;
+    // Another run's prompt runs; ours waits behind it.
+    let (theirs, theirs_server) = node.post_tagged(&sampler_prompt(10_000)).await;
+    let (ours, ours_server) = node.post_tagged(&sampler_prompt(10_000)).await;
+    eventually("the other prompt runs", || async {
+        node.client
+            .queue()
+            .await
+            .is_ok_and(|queue| queue.is_running(&theirs_server))
+    })
+    .await;
+    let done = cancel(&node.client, &ours, None).await.expect("cancelled");
+    assert_eq!(done.dequeued, vec![ours_server.clone()]);
+    assert_eq!(
+        done.interrupted, None,
+        "ours was not running: nothing interrupted"
+    );
+    assert_eq!(node.sim.interrupts_received(), 0);
+    let queue = node.client.queue().await.expect("queue");
+    assert!(queue.is_running(&theirs_server) && !queue.contains(&ours_server));
+
+    // Running: interrupted by the server's id, known or found by our id.
+    let done = cancel(&node.client, &theirs, Some(&theirs_server))
+        .await
+        .expect("cancelled");
+    assert_eq!(done.interrupted.as_deref(), Some(theirs_server.as_str()));
+    eventually("the prompt ends interrupted", || async {
+        node.sim.interrupted_prompts() == [theirs_server.clone()]
+    })
+    .await;
+    assert_eq!(node.sim.interrupts_received(), 1);
+    node.sim.stop().await;
 }

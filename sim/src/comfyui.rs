@@ -75,6 +75,7 @@ pub struct ComfyControl {
     pub stall: Option<bool>,
     pub drop_socket_next: Option<u32>,
     pub refuse_ws: Option<bool>,
+    pub mint_prompt_ids: Option<bool>,
     /// Forget queue, history, cache and loaded models; close every socket.
     pub restart: bool,
     pub step_ms: Option<u64>,
@@ -90,6 +91,7 @@ fn apply_control(shared: &Shared, control: ComfyControl) {
         set(&mut switches.stall, control.stall);
         set(&mut switches.drop_socket_next, control.drop_socket_next);
         set(&mut switches.refuse_ws, control.refuse_ws);
+        set(&mut switches.mint_prompt_ids, control.mint_prompt_ids);
         shared.hub.set_stall(switches.stall);
         if control.restart {
             tracing::info!("simulating a ComfyUI restart");
@@ -119,6 +121,8 @@ fn stats_json(shared: &Shared) -> Value {
         "prompts_finished": Shared::count(&counters.prompts_finished),
         "ws_connections": Shared::count(&counters.ws_connections),
         "ws_refused": Shared::count(&counters.ws_refused),
+        "interrupts_received": Shared::count(&counters.interrupts_received),
+        "interrupted_prompts": counters.interrupted_prompts(),
         "prompts_by_id": counters.prompts_by_id(),
         "duplicate_prompts": counters.duplicate_prompts(),
         "queue_remaining": state.queue_remaining(),
@@ -187,6 +191,16 @@ impl ComfySim {
     /// Prompt ids posted more than once; empty when every prompt ran at most once.
     pub fn duplicate_prompts(&self) -> Vec<String> {
         self.shared.counters.duplicate_prompts()
+    }
+
+    /// Ids of the prompts that ended interrupted, in order.
+    pub fn interrupted_prompts(&self) -> Vec<String> {
+        self.shared.counters.interrupted_prompts()
+    }
+
+    /// `POST /interrupt` requests received.
+    pub fn interrupts_received(&self) -> usize {
+        Shared::count(&self.shared.counters.interrupts_received)
     }
 
     /// WebSocket connections accepted so far.

@@ -896,3 +896,63 @@ async fn stats_count_posts_per_prompt_id() {
     assert_eq!(stats["duplicate_prompts"], json!([ours]));
     sim.stop().await;
 }
+
+/// `mint_prompt_ids` plays an older ComfyUI: the client's prompt id is ignored and a UUID
+/// minted, the extra data stays in the queue and history entries (so a client can still
+/// find its prompt there), and `/interrupt` stops whatever runs whatever id it names.
+#[actix_rt::test]
+async fn minting_servers_ignore_the_clients_prompt_id() {
+    let sim = start(ComfySimConfig {
+        step_ms: 30,
+        ..fast()
+    })
+    .await;
+    let url = sim.url().join("sim/control").unwrap();
+    let stats: Value = http()
+        .post(url)
+        .json(&json!({"mint_prompt_ids": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["switches"]["mint_prompt_ids"], true);
+    let mut socket = connect(&sim, "main").await;
+    text(&mut socket).await;
+    let ours = "0f1e2d3c-4b5a-4697-8877-665544332211";
+    let (status, answer) = post_prompt(
+        &sim,
+        json!({"prompt": basic_graph("rec_m", 1), "client_id": "main", "prompt_id": ours,
+            "extra_data": {"multiplex_prompt_id": ours}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let minted = answer["prompt_id"].as_str().unwrap().to_string();
+    assert_ne!(minted, ours);
+    assert!(uuid::Uuid::parse_str(&minted).is_ok(), "{minted}");
+    let queue = poll(&sim, "queue", |q| q["queue_running"][0].is_array()).await;
+    let entry = &queue["queue_running"][0];
+    assert_eq!(entry[1], minted.as_str());
+    assert_eq!(
+        entry[3],
+        json!({"multiplex_prompt_id": ours, "client_id": "main"})
+    );
+    // A targeted interrupt naming someone else's id still stops ours: the body is ignored.
+    let url = sim.url().join("interrupt").unwrap();
+    http()
+        .post(url)
+        .json(&json!({"prompt_id": "someone-else"}))
+        .send()
+        .await
+        .unwrap();
+    until_done(&mut socket).await;
+    let history = get_json(&sim, &format!("history/{minted}")).await;
+    assert_eq!(history[&minted]["status"]["status_str"], "error");
+    assert_eq!(history[&minted]["prompt"][3]["multiplex_prompt_id"], ours);
+    assert_eq!(get_json(&sim, &format!("history/{ours}")).await, json!({}));
+    assert_eq!(sim.interrupted_prompts(), vec![minted]);
+    assert_eq!(sim.interrupts_received(), 1);
+    assert_eq!(sim.prompts_by_id().get(ours), Some(&1));
+    sim.stop().await;
+}

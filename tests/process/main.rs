@@ -7,6 +7,7 @@
 //! must complete and no ComfyUI may have been asked twice for the same prompt.
 
 mod daemon_kills;
+mod minted_ids;
 mod node_faults;
 
 use std::future::Future;

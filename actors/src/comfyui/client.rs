@@ -136,6 +136,47 @@ impl ComfyClient {
         Ok(HistoryEntry::from_answer(prompt_id, &answer))
     }
 
+    /// `GET /history?max_items=N`: the `max_items` most recently finished prompts, for
+    /// finding one whose id we never learned (see [`crate::comfyui::job::locate`]). The
+    /// answer is read up to `byte_limit` bytes; `None` past that, since a server that
+    /// ignored `max_items` is sending its whole history (hundreds of megabytes), which is
+    /// exactly what the bare `/history` list must never cost us.
+    pub async fn recent_history(
+        &self,
+        max_items: usize,
+        byte_limit: usize,
+    ) -> Result<Option<Value>, ComfyError> {
+        let mut url = self.url("history")?;
+        url.query_pairs_mut()
+            .append_pair("max_items", &max_items.to_string());
+        let mut response = self
+            .send(self.http.get(url.clone()), &url, REQUEST_TIMEOUT)
+            .await?;
+        let status = response.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|source| transport(&url, source, REQUEST_TIMEOUT))?
+        {
+            if body.len() + chunk.len() > byte_limit {
+                debug!(byte_limit, "recent history too large; max_items ignored?");
+                return Ok(None);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&body);
+        if !status.is_success() {
+            return Err(unexpected(&url, status, &text));
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|err| ComfyError::Decode {
+                url: url.to_string(),
+                detail: err.to_string(),
+            })
+    }
+
     /// `GET /api/jobs/{id}`: one request instead of history, queue and history again. Servers
     /// without the route answer aiohttp's plain-text 404 (a job the route does not know gets a
     /// JSON `{"error"}` 404); that is remembered and [`JobLookup::Unsupported`] returned from
@@ -320,8 +361,10 @@ impl ComfyClient {
         Ok(meta)
     }
 
-    /// `POST /interrupt {prompt_id}`: stops the prompt if it is the one running (ComfyUI
-    /// ignores the call otherwise). Interruption lands at the next node boundary.
+    /// `POST /interrupt {prompt_id}`: recent servers stop the prompt only if it is the one
+    /// running; older ones ignore the body and stop whatever runs, so call this only for a
+    /// prompt `/queue` shows running (see [`crate::comfyui::job::cancel`]). Interruption
+    /// lands at the next node boundary.
     pub async fn interrupt(&self, prompt_id: &str) -> Result<(), ComfyError> {
         self.post_ok("interrupt", &json!({"prompt_id": prompt_id}))
             .await

@@ -4,9 +4,12 @@
 //! versions (a queue `number` can be a float, node ids numbers), and a missing field must
 //! degrade to "unknown", never to a failed job.
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 use super::events::{node_id, parse_message, ComfyEvent, ExecutionErrorEvent};
+use super::job::EXTRA_DATA_PROMPT_ID;
 use crate::artifact::{classify_filename, ArtifactKind};
 
 /// A finished (or failed) prompt, from `GET /history/{id}`.
@@ -41,6 +44,10 @@ pub struct OutputFile {
 pub struct QueueState {
     pub running: Vec<String>,
     pub pending: Vec<String>,
+    /// Our prompt id as each entry's `extra_data` carries it ([`EXTRA_DATA_PROMPT_ID`]), by
+    /// the id the server runs the entry under: the only link between the two on a server
+    /// that minted its own id, when its answer to the POST was never recorded.
+    pub ours_by_id: BTreeMap<String, String>,
 }
 
 impl QueueState {
@@ -49,6 +56,26 @@ impl QueueState {
             .iter()
             .chain(&self.pending)
             .any(|id| id == prompt_id)
+    }
+
+    pub fn is_running(&self, prompt_id: &str) -> bool {
+        self.running.iter().any(|id| id == prompt_id)
+    }
+
+    /// The server's ids of the entries that are our prompt `ours`: named so, carrying it in
+    /// their extra data, or named `server_id`. Running ones first. More than one means it
+    /// was posted again (after the server forgot it) before the new answer was recorded.
+    pub fn entries_of(&self, ours: &str, server_id: Option<&str>) -> Vec<String> {
+        self.running
+            .iter()
+            .chain(&self.pending)
+            .filter(|id| {
+                id.as_str() == ours
+                    || Some(id.as_str()) == server_id
+                    || self.ours_by_id.get(id.as_str()).map(String::as_str) == Some(ours)
+            })
+            .cloned()
+            .collect()
     }
 }
 
@@ -103,6 +130,17 @@ impl HistoryEntry {
             messages,
             outputs: entry.get("outputs").cloned().unwrap_or(Value::Null),
         })
+    }
+
+    /// Finds, in a `/history?max_items=N` answer, the entry of our prompt `ours`: under our
+    /// id, or under the server's with our id in the extra data of its prompt tuple
+    /// (`[number, id, prompt, extra_data, outputs]`). Gives the server's id and the entry.
+    pub fn find_ours(ours: &str, answer: &Value) -> Option<(String, HistoryEntry)> {
+        let entries = answer.as_object()?;
+        let (id, _) = entries.iter().find(|(id, entry)| {
+            id.as_str() == ours || entry.pointer("/prompt/3").and_then(tagged_id) == Some(ours)
+        })?;
+        Some((id.clone(), HistoryEntry::from_answer(id, answer)?))
     }
 
     pub fn is_error(&self) -> bool {
@@ -210,24 +248,36 @@ fn output_file(node: &str, key: &str, item: &Value, animated: bool) -> Option<Ou
     })
 }
 
+/// Our prompt id in a prompt's `extra_data`, if it carries one.
+fn tagged_id(extra_data: &Value) -> Option<&str> {
+    extra_data.get(EXTRA_DATA_PROMPT_ID)?.as_str()
+}
+
 impl QueueState {
-    /// Reads a `/queue` answer: entries are `[number, prompt_id, prompt, extra_data, outputs]`.
+    /// Reads a `/queue` answer: entries are `[number, prompt_id, prompt, extra_data,
+    /// outputs_to_execute, ...]`.
     pub fn from_answer(answer: &Value) -> QueueState {
-        let ids = |key: &str| -> Vec<String> {
-            answer
-                .get(key)
-                .and_then(Value::as_array)
-                .map(|entries| {
-                    entries
-                        .iter()
-                        .filter_map(|e| e.get(1).and_then(node_id))
-                        .collect()
-                })
-                .unwrap_or_default()
+        let mut ours_by_id = BTreeMap::new();
+        let mut ids = |key: &str| -> Vec<String> {
+            let entries = answer.get(key).and_then(Value::as_array);
+            let mut ids = Vec::new();
+            for entry in entries.into_iter().flatten() {
+                let Some(id) = entry.get(1).and_then(node_id) else {
+                    continue;
+                };
+                if let Some(ours) = entry.get(3).and_then(tagged_id) {
+                    ours_by_id.insert(id.clone(), ours.to_string());
+                }
+                ids.push(id);
+            }
+            ids
         };
+        let running = ids("queue_running");
+        let pending = ids("queue_pending");
         QueueState {
-            running: ids("queue_running"),
-            pending: ids("queue_pending"),
+            running,
+            pending,
+            ours_by_id,
         }
     }
 }
@@ -306,6 +356,28 @@ mod tests {
     }
 
     #[test]
+    fn our_prompt_is_found_in_recent_history_by_its_extra_data() {
+        // The shape of f_queue's `GET /history?max_items=3`.
+        let answer = json!({
+            "e481": {"prompt": [23, "e481", {}, {"client_id": "c"}, ["3"]],
+                "outputs": {}, "status": {"status_str": "success", "completed": true}},
+            "9a2f": {"prompt": [24, "9a2f", {},
+                    {"client_id": "c", "multiplex_prompt_id": "ours"}, ["3"]],
+                "outputs": {"3": {"images": [
+                    {"filename": "m_00001_.png", "subfolder": "", "type": "output"}]}},
+                "status": {"status_str": "success", "completed": true, "messages": []}}});
+        let (id, entry) = HistoryEntry::find_ours("ours", &answer).expect("found");
+        assert_eq!(id, "9a2f");
+        assert_eq!(entry.deliverables()[0].filename, "m_00001_.png");
+        assert_eq!(
+            HistoryEntry::find_ours("e481", &answer).expect("by id").0,
+            "e481"
+        );
+        assert!(HistoryEntry::find_ours("other", &answer).is_none());
+        assert!(HistoryEntry::find_ours("ours", &json!([])).is_none());
+    }
+
+    #[test]
     fn temp_previews_are_not_deliverables_and_videos_are_typed() {
         let answer = json!({"p": {"outputs": {
             "3": {"images": [
@@ -334,6 +406,19 @@ mod tests {
         assert_eq!(state.running, ["run-1"]);
         assert_eq!(state.pending, ["pend-1", "pend-2"]);
         assert!(state.contains("pend-2") && !state.contains("gone"));
+
+        assert!(state.ours_by_id.is_empty());
+
+        // An older server minted its own ids; our id is in the extra data (index 3).
+        let queue = json!({"queue_running": [[20, "srv-1", {},
+                {"multiplex_prompt_id": "ours-1", "client_id": "c"}, ["99"]]],
+            "queue_pending": [[21, "srv-2", {}, {"client_id": "c"}, ["3"]],
+                [22, "srv-3", {}, {"multiplex_prompt_id": "ours-1"}, ["3"], {}, {}]]});
+        let state = QueueState::from_answer(&queue);
+        assert_eq!(state.entries_of("ours-1", None), ["srv-1", "srv-3"]);
+        assert_eq!(state.entries_of("ours-2", Some("srv-2")), ["srv-2"]);
+        assert!(state.entries_of("ours-2", None).is_empty());
+        assert!(state.is_running("srv-1") && !state.is_running("srv-3"));
 
         let stats = SystemStats::from_answer(json!({"system": {"comfyui_version": "0.3.64"},
             "devices": [{"name": "cpu", "type": "cpu", "index": null,

@@ -10,6 +10,13 @@
 //! or closed channel never makes a job hang: it falls back to polling `/history/{id}` and
 //! `/queue`, and a prompt that neither knows is reported [`JobError::Lost`].
 //!
+//! Every request about a posted prompt uses the id the server answered the POST with: ours
+//! on recent servers, one it minted on older ones. [`submit_job`] and [`follow_job`] are the
+//! two halves of [`run_job`], so a caller can record that id durably in between. [`locate`]
+//! finds the server's id from ours alone (our id travels in the extra data), and
+//! [`cancel`] dequeues or interrupts by the server's id, interrupting only what `/queue`
+//! shows is ours.
+//!
 //! [`resume_job`] picks up a prompt posted before a daemon restart or a node reconnect: it
 //! posts nothing, looks where the prompt stands and then follows or collects it like
 //! [`run_job`]. While following, a node that stops answering is given [`TRANSPORT_GRACE`] to
@@ -62,6 +69,17 @@ pub const TRANSPORT_GRACE: Duration = Duration::from_secs(30);
 /// mint their own; the extra data is kept in history and queue entries, so our id can still
 /// be matched there.
 pub const EXTRA_DATA_PROMPT_ID: &str = "multiplex_prompt_id";
+
+/// How many of the most recently finished prompts [`locate`] reads
+/// (`GET /history?max_items=N`). Small on purpose: each entry holds its whole prompt graph
+/// and outputs (tens of kilobytes for a large workflow), and the prompt looked for finished
+/// while the daemon was down, typically seconds, so among the last few. The bare
+/// `/history` list is never read: it grows to hundreds of megabytes.
+pub const RECENT_HISTORY_ITEMS: usize = 16;
+
+/// The most of that answer [`locate`] reads; a larger one comes from a server that ignored
+/// `max_items`, and is abandoned.
+const RECENT_HISTORY_LIMIT: usize = 8 << 20;
 
 /// What a running job reports along the way (not durable; for live views).
 #[derive(Debug, Clone, PartialEq)]
@@ -225,11 +243,14 @@ impl JobError {
     }
 }
 
-/// Runs `job` on the ComfyUI behind `client` and returns the stored outputs.
+/// Runs `job` on the ComfyUI behind `client` and returns the stored outputs: [`submit_job`]
+/// then [`follow_job`] under the id the server answered with.
 ///
 /// `events` must have been subscribed to the node's socket before this is called (and the
 /// socket must be connected with `client_id`), so no event of the prompt can be missed.
 /// `prompt_id` should already be recorded durably with the node (DESIGN.md section 5).
+/// A caller that must record the server's id before following (the node does) calls the
+/// two halves itself.
 pub async fn run_job(
     client: &ComfyClient,
     job: &ComfyJob,
@@ -239,16 +260,49 @@ pub async fn run_job(
     files: &ArtifactFiles,
     mut on_progress: impl FnMut(JobProgress),
 ) -> Result<Vec<ArtifactMeta>, JobError> {
-    let span = tracing::info_span!("comfy_job", prompt_id, node_url = %client.base_url());
+    let server_id = submit_job(client, job, prompt_id, client_id, &mut on_progress).await?;
+    let kind = job.output_kind;
+    follow_job(client, &server_id, kind, events, files, on_progress).await
+}
+
+/// Uploads the job's inputs and posts its prompt under our `prompt_id` (also put in the
+/// extra data under [`EXTRA_DATA_PROMPT_ID`]). Returns the id the server runs it under:
+/// ours on recent servers, one it minted on older ones, which is the id every later
+/// request about the prompt must use (history, jobs, events, cancel).
+pub async fn submit_job(
+    client: &ComfyClient,
+    job: &ComfyJob,
+    prompt_id: &str,
+    client_id: &str,
+    mut on_progress: impl FnMut(JobProgress),
+) -> Result<String, JobError> {
+    let span = tracing::info_span!("comfy_submit", prompt_id, node_url = %client.base_url());
     async {
         let prompt = prepare_prompt(client, job, prompt_id).await?;
-        let followed = submit(client, &prompt, prompt_id, client_id, &mut on_progress).await?;
-        let entry = follow(client, &followed, events, QUIET_CHECK, &mut on_progress).await?;
+        submit(client, &prompt, prompt_id, client_id, &mut on_progress).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Follows a posted prompt by the id the server runs it under (`server_id`, from
+/// [`submit_job`]) to its end and stores its outputs.
+pub async fn follow_job(
+    client: &ComfyClient,
+    server_id: &str,
+    output_kind: ArtifactKind,
+    events: broadcast::Receiver<ComfyEvent>,
+    files: &ArtifactFiles,
+    mut on_progress: impl FnMut(JobProgress),
+) -> Result<Vec<ArtifactMeta>, JobError> {
+    let span = tracing::info_span!("comfy_job", server_id, node_url = %client.base_url());
+    async {
+        let entry = follow(client, server_id, events, QUIET_CHECK, &mut on_progress).await?;
         let outputs = collect(
             client,
-            &followed,
+            server_id,
             &entry,
-            job.output_kind,
+            output_kind,
             files,
             &mut on_progress,
         )
@@ -258,6 +312,92 @@ pub async fn run_job(
     }
     .instrument(span)
     .await
+}
+
+/// Looks, on a server that may run our prompt `ours` under an id of its own, for the id
+/// it runs or ran it under, when that id was never recorded (the daemon died between the
+/// POST and recording its answer, or posted again after the server forgot it). `None`
+/// when neither the queue nor the recent history holds it.
+///
+/// The queue is read first (running and pending entries, matched by the extra data that
+/// carries our id), then the [`RECENT_HISTORY_ITEMS`] most recently finished prompts:
+/// ComfyUI moves a prompt from the queue to the history in one step, so one of the two
+/// reads sees it. A prompt that finished before those is not found, and is posted again.
+pub async fn locate(client: &ComfyClient, ours: &str) -> Result<Option<String>, JobError> {
+    let transport = |source| JobError::Transport {
+        prompt_id: ours.into(),
+        source,
+    };
+    let queue = patiently(client, || async { client.queue().await.map_err(transport) }).await?;
+    if let Some(id) = queue.entries_of(ours, None).into_iter().next() {
+        info!(prompt_id = ours, server_id = %id, "our prompt found in the queue");
+        return Ok(Some(id));
+    }
+    let recent = patiently(client, || async {
+        client
+            .recent_history(RECENT_HISTORY_ITEMS, RECENT_HISTORY_LIMIT)
+            .await
+            .map_err(transport)
+    })
+    .await?;
+    let Some(recent) = recent else {
+        warn!(
+            prompt_id = ours,
+            "recent history too large to search; the server ignored max_items"
+        );
+        return Ok(None);
+    };
+    let found = HistoryEntry::find_ours(ours, &recent).map(|(id, _)| id);
+    if let Some(id) = &found {
+        info!(prompt_id = ours, server_id = %id, "our prompt found in the recent history");
+    }
+    Ok(found)
+}
+
+/// What [`cancel`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cancelled {
+    /// Server ids removed from the pending queue.
+    pub dequeued: Vec<String>,
+    /// The server id interrupted while it ran.
+    pub interrupted: Option<String>,
+}
+
+/// Stops our prompt `ours` (run by the server as `server_id` where known): pending
+/// entries are deleted from the queue by the server's ids, and `/interrupt {prompt_id}` is
+/// sent only while `/queue` shows our prompt running. Older servers ignore the interrupt's
+/// body and stop whatever runs, so interrupting without looking could stop another run's
+/// prompt. The entries are found by id and by the extra data carrying our id, so a prompt
+/// whose server id was never learned is stopped too.
+pub async fn cancel(
+    client: &ComfyClient,
+    ours: &str,
+    server_id: Option<&str>,
+) -> Result<Cancelled, ComfyError> {
+    let queue = client.queue().await?;
+    let mut done = Cancelled::default();
+    let (running, pending): (Vec<String>, Vec<String>) = queue
+        .entries_of(ours, server_id)
+        .into_iter()
+        .partition(|id| queue.is_running(id));
+    let mut running = running.into_iter().next();
+    if !pending.is_empty() {
+        client.delete_queued(&pending).await?;
+        done.dequeued = pending;
+        // One may have started between the look and the delete: look again.
+        if running.is_none() {
+            let queue = client.queue().await?;
+            running = queue
+                .entries_of(ours, server_id)
+                .into_iter()
+                .find(|id| queue.is_running(id));
+        }
+    }
+    if let Some(id) = running {
+        client.interrupt(&id).await?;
+        done.interrupted = Some(id);
+    }
+    Ok(done)
 }
 
 /// Picks up a prompt that may have been posted before (a daemon restart, a node reconnect)

@@ -6,6 +6,13 @@
 //! stored messages. Only work the service does not know is sent again, once, under the same
 //! id. Fresh work that the node forgets while it runs (a ComfyUI restart) is sent again the
 //! same way. That is what keeps GPU work from being done twice or lost.
+//!
+//! An older ComfyUI runs a prompt under an id of its own: that id is recorded with the step
+//! (and flushed) before the prompt is followed, and a resumed prompt unknown by the ids the
+//! step has is looked for by our id in the extra data of the server's queue and recent
+//! history before it is sent again.
+
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 use tracing::{info, warn};
@@ -15,7 +22,9 @@ use crate::comfyui::{self, ComfyClient, ComfyEvent, JobError, JobProgress};
 use crate::config::FlowConfig;
 use crate::langflow::{self, LangflowClient, LangflowError, Recovery};
 use crate::store::{ArtifactFiles, StepError};
-use crate::task::{ConfirmPlacement, RemoteJob, Task, TaskEvent, TaskFailure, TaskUpdate};
+use crate::task::{
+    ConfirmPlacement, RecordServerId, RemoteJob, Task, TaskEvent, TaskFailure, TaskUpdate,
+};
 use crate::workflow::{ComfyJob, LangflowJob};
 
 /// What a task needs from its node: the services' clients, and where outputs are stored.
@@ -31,6 +40,24 @@ pub(super) struct ComfyService {
     pub client_id: String,
     /// The node's event socket; subscribed to before anything is posted.
     pub events: broadcast::Sender<ComfyEvent>,
+    /// Where the task tells its node which id the server runs its prompt under.
+    pub server_id: ServerIdCell,
+}
+
+/// The id a server runs a task's prompt under, shared between the task's future and its
+/// node: a cancel must stop the prompt by the id the server knows, which the future may
+/// have learned a moment ago (older ComfyUI mints its own id in the answer to the POST).
+#[derive(Clone, Default)]
+pub(super) struct ServerIdCell(Arc<Mutex<Option<String>>>);
+
+impl ServerIdCell {
+    fn set(&self, id: &str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 pub(super) struct LangflowService {
@@ -78,36 +105,91 @@ async fn run_comfy(
     comfy: &ComfyService,
     services: &Services,
 ) -> Result<Vec<ArtifactMeta>, TaskFailure> {
-    let prompt_id = task.remote_id.as_str();
-    let progress = |event| report_progress(task, &services.node, event);
+    let ours = task.remote_id.as_str();
     let (client, client_id, files) = (&comfy.client, comfy.client_id.as_str(), &services.files);
+    let kind = job.output_kind;
+    // The id the server runs the prompt under: ours, or the one an older server minted.
+    let mut following = task.server_id.clone().unwrap_or_else(|| ours.to_string());
+    comfy.server_id.set(&following);
 
     // A prompt the node forgot (it restarted) is sent again under the same id, once per
     // execution: what the node lost is not a failed attempt of the step. Forgotten a second
     // time, it fails as retryable and the step's retry policy decides.
     let mut may_resend = true;
     if task.resume {
+        let progress = |event| report_progress(task, &services.node, event);
         let events = comfy.events.subscribe();
-        let kind = job.output_kind;
-        match comfyui::resume_job(client, prompt_id, kind, events, files, progress).await {
-            Err(JobError::Lost { .. }) => {
-                resending(task, &services.node, prompt_id);
-                may_resend = false;
-            }
+        match comfyui::resume_job(client, &following, kind, events, files, progress).await {
+            Err(JobError::Lost { .. }) => {}
             other => return other.map_err(comfy_failure),
         }
+        // Unknown by the id we have: it may run under one we never recorded (the daemon
+        // died before recording the server's answer, or posted it again after the server
+        // forgot it). Our id in its extra data finds it.
+        match comfyui::locate(client, ours).await {
+            Ok(Some(found)) => {
+                if found != following {
+                    adopt(task, comfy, &services.node, ours, &found).await?;
+                    following = found;
+                }
+                let progress = |event| report_progress(task, &services.node, event);
+                let events = comfy.events.subscribe();
+                match comfyui::resume_job(client, &following, kind, events, files, progress).await {
+                    Err(JobError::Lost { .. }) => {}
+                    other => return other.map_err(comfy_failure),
+                }
+            }
+            Ok(None) => {}
+            Err(err) => return Err(comfy_failure(err)),
+        }
+        resending(task, &services.node, ours);
+        may_resend = false;
     }
     loop {
         let events = comfy.events.subscribe();
         let progress = |event| report_progress(task, &services.node, event);
-        match comfyui::run_job(client, job, prompt_id, client_id, events, files, progress).await {
+        let submitted = comfyui::submit_job(client, job, ours, client_id, progress).await;
+        let server_id = submitted.map_err(comfy_failure)?;
+        if server_id != following {
+            adopt(task, comfy, &services.node, ours, &server_id).await?;
+        }
+        following = server_id;
+        let progress = |event| report_progress(task, &services.node, event);
+        match comfyui::follow_job(client, &following, kind, events, files, progress).await {
             Err(JobError::Lost { .. }) if may_resend => {
-                resending(task, &services.node, prompt_id);
+                resending(task, &services.node, ours);
                 may_resend = false;
             }
             other => return other.map_err(comfy_failure),
         }
     }
+}
+
+/// Makes `server_id` the id the prompt is followed and cancelled by: told to the node at
+/// once, and recorded durably with the step before the caller follows the prompt, so a
+/// restart does not have to find it again.
+async fn adopt(
+    task: &Task,
+    comfy: &ComfyService,
+    node: &str,
+    ours: &str,
+    server_id: &str,
+) -> Result<(), TaskFailure> {
+    info!(node = %node, prompt_id = ours, server_id, "following the prompt by the server's id");
+    // Known to the node before it is durable: a cancel arriving meanwhile must use it.
+    comfy.server_id.set(server_id);
+    let record = RecordServerId {
+        key: task.key.clone(),
+        server_id: server_id.to_string(),
+    };
+    let message = match task.server_ids.send(record).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(message)) => message,
+        Err(_) => "the run stopped before the server's prompt id was recorded".into(),
+    };
+    Err(TaskFailure::transient(format!(
+        "prompt {ours} runs on {node} as {server_id}, which could not be recorded: {message}"
+    )))
 }
 
 /// Says that a prompt unknown to its node is about to be sent again.
@@ -193,6 +275,8 @@ fn langflow_failure(err: LangflowError) -> TaskFailure {
 /// Passes the driver's progress on to the run as task events.
 fn report_progress(task: &Task, node: &str, progress: JobProgress) {
     let event = match progress {
+        // The server's id, when it is not ours, is recorded by `adopt`, which waits for it
+        // to be durable; this only moves the step's state.
         JobProgress::Submitted { .. } => TaskEvent::Submitted,
         JobProgress::Started => TaskEvent::Started,
         JobProgress::Progress {

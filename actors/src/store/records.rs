@@ -71,8 +71,18 @@ pub struct StepError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "service", rename_all = "lowercase")]
 pub enum RemoteRef {
-    Comfyui { prompt_id: String },
-    Langflow { session_id: String },
+    Comfyui {
+        /// Our id, chosen and recorded before the prompt is posted.
+        prompt_id: String,
+        /// The id the server runs the prompt under, recorded (and flushed) before the
+        /// prompt is followed when it differs from ours: older ComfyUI ignores our id and
+        /// mints its own. Absent while unknown or equal to ours.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server_prompt_id: Option<String>,
+    },
+    Langflow {
+        session_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 //! - `GET  /system_stats`, `/features`, `/embeddings`
 //! - `GET  /prompt` (queue size), `POST /prompt` (submit)
 //! - `GET  /queue`, `POST /queue` (`{delete}` / `{clear}`)
-//! - `POST /interrupt` (global, or `{prompt_id}` targeted)
+//! - `POST /interrupt` (global, or `{prompt_id}` targeted unless `mint_prompt_ids` is set)
 //! - `GET  /history`, `/history/{id}`, `POST /history` (`{delete}` / `{clear}`)
 //! - `GET  /view`, `POST /upload/image`
 //! - `GET  /object_info`, `/object_info/{class}`, `/models`, `/models/{folder}`
@@ -159,8 +159,10 @@ fn accept(data: &Shared, request: PromptRequest, number: Value) -> HttpResponse 
         Ok(accepted) => accepted,
         Err(rejection) => return HttpResponse::BadRequest().json(rejection.0),
     };
+    let minting = data.state().switches.mint_prompt_ids;
     let prompt_id = request
         .prompt_id
+        .filter(|_| !minting)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut extra_data = request.extra_data.unwrap_or_default();
     if let Some(client_id) = request.client_id {
@@ -216,12 +218,19 @@ async fn edit_queue(data: Data, body: web::Bytes) -> HttpResponse {
 }
 
 async fn interrupt(data: Data, body: web::Bytes) -> HttpResponse {
-    let target = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
-        v.get("prompt_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    });
+    data.counters
+        .interrupts_received
+        .fetch_add(1, Ordering::Relaxed);
     let mut state = data.state();
+    // Older servers read no body: they stop whatever runs, whoever asked.
+    let target = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.get("prompt_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .filter(|_| !state.switches.mint_prompt_ids);
     let running = state.running.as_ref().map(|r| r.item.id.clone());
     let hits = match (&target, &running) {
         (None, Some(_)) => true,

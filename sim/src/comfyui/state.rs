@@ -38,6 +38,11 @@ pub struct ComfySwitches {
     pub drop_socket_next: u32,
     /// Answer WebSocket upgrades with 503.
     pub refuse_ws: bool,
+    /// Behave like ComfyUI before it took client-chosen prompt ids: ignore the `prompt_id`
+    /// of `POST /prompt` and mint a UUID (read the answer to learn it), and make
+    /// `POST /interrupt` ignore its body and stop whatever runs, as those servers do. The
+    /// `extra_data` is kept in queue and history entries either way, as they keep it.
+    pub mint_prompt_ids: bool,
 }
 
 /// A queued or running prompt.
@@ -152,6 +157,10 @@ pub(crate) struct Counters {
     /// keeps knocking on a door that stays shut.
     pub ws_refused: AtomicUsize,
     pub prompts_finished: AtomicUsize,
+    /// `POST /interrupt` requests, whether or not they stopped anything.
+    pub interrupts_received: AtomicUsize,
+    /// Ids of the prompts that ended interrupted, in order: which work a cancel stopped.
+    pub interrupted_prompts: Mutex<Vec<String>>,
     /// `POST /prompt` requests per id they name (`prompt_id`, or
     /// `extra_data.multiplex_prompt_id`; a request naming one id in both counts once).
     pub prompts_by_id: Mutex<BTreeMap<String, usize>>,
@@ -178,6 +187,21 @@ impl Counters {
     /// Posts per prompt id.
     pub fn prompts_by_id(&self) -> BTreeMap<String, usize> {
         self.prompts_by_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that `prompt_id` ended interrupted.
+    pub fn count_interrupted(&self, prompt_id: &str) {
+        self.interrupted_prompts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(prompt_id.to_owned());
+    }
+
+    pub fn interrupted_prompts(&self) -> Vec<String> {
+        self.interrupted_prompts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -523,6 +523,9 @@ impl Execution {
             .counters
             .prompts_finished
             .fetch_add(1, Ordering::Relaxed);
+        if kind == "execution_interrupted" {
+            self.shared.counters.count_interrupted(&prompt_id);
+        }
         tracing::debug!(%prompt_id, outcome = kind, "prompt finished");
         self.send(kind, data);
         self.shared
