@@ -3,8 +3,10 @@
 //! Layout under the data directory:
 //!
 //! - `db/`: the sled database. Tree `runs` maps a run id (a UUIDv7, so keys sort by creation
-//!   time) to the JSON of its [`RunRecord`]; tree `artifacts` maps an artifact id to the JSON
-//!   of its [`ArtifactMeta`](crate::artifact::ArtifactMeta).
+//!   time) to the JSON of its [`RunRecord`]; tree `unfinished` holds the ids of runs last
+//!   written in a state that is not final, so a restart resumes them without reading every
+//!   run ever stored; tree `artifacts` maps an artifact id to the JSON of its
+//!   [`ArtifactMeta`](crate::artifact::ArtifactMeta).
 //! - `artifacts/xx/<sha256>`: artifact contents, named by their hash (`xx` is its first two
 //!   hex digits), written through `artifacts/tmp/` and renamed into place once complete.
 //! - `store-manifest.json`: how many runs were durable at the last flush ([`manifest`]); a
@@ -73,6 +75,8 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     runs: sled::Tree,
+    /// Ids of the runs in `runs` whose stored state is not final (values are empty).
+    unfinished: sled::Tree,
     /// Run records in `runs`, kept by [`Store::write_run`] for the manifest.
     run_count: Arc<AtomicU64>,
     files: ArtifactFiles,
@@ -93,7 +97,16 @@ impl Store {
             .flush_every_ms(Some(200))
             .open()
             .map_err(open_error)?;
+        // A store written before the index existed gets it built once, from every run.
+        let indexed = db
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == UNFINISHED_TREE.as_bytes());
         let runs = db.open_tree("runs").map_err(open_error)?;
+        let unfinished = db.open_tree(UNFINISHED_TREE).map_err(open_error)?;
+        if !indexed {
+            index_unfinished(&runs, &unfinished).map_err(open_error)?;
+        }
 
         let manifest = ManifestFile::in_dir(data_dir);
         let found = runs.len() as u64;
@@ -113,6 +126,7 @@ impl Store {
             .map_err(|err| open_error(sled::Error::Io(err)))?;
         Ok(Store {
             runs,
+            unfinished,
             run_count,
             files,
             commits: Arc::new(commits),
@@ -136,13 +150,28 @@ impl Store {
             key: run.id.clone(),
             source,
         })?;
+        let db_error = |source| StoreError::Db {
+            what: format!("run {}", run.id),
+            source,
+        };
+        // The index may name a run that has ended (resume reads the record and skips it),
+        // never miss one that has not: an unfinished run is indexed before it is written,
+        // and leaves the index only after its final state is.
+        let finished = run.state.is_terminal();
+        if !finished {
+            self.unfinished
+                .insert(run.id.as_bytes(), &[])
+                .map_err(db_error)?;
+        }
         let previous = self
             .runs
             .insert(run.id.as_bytes(), json)
-            .map_err(|source| StoreError::Db {
-                what: format!("run {}", run.id),
-                source,
-            })?;
+            .map_err(db_error)?;
+        if finished {
+            self.unfinished
+                .remove(run.id.as_bytes())
+                .map_err(db_error)?;
+        }
         if previous.is_none() {
             self.run_count.fetch_add(1, Ordering::SeqCst);
         }
@@ -192,17 +221,42 @@ impl Store {
 
     /// Runs that had not finished when they were last written: the ones to resume.
     pub fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let db_error = |source| StoreError::Db {
+            what: "unfinished runs".into(),
+            source,
+        };
         let mut runs = Vec::new();
-        for entry in self.runs.iter() {
-            let (key, value) = entry.map_err(|source| StoreError::Db {
-                what: "run scan".into(),
-                source,
-            })?;
+        for entry in self.unfinished.iter() {
+            let (key, _) = entry.map_err(db_error)?;
+            let Some(value) = self.runs.get(&key).map_err(db_error)? else {
+                continue;
+            };
             let run = decode_or_skip(&key, &value);
             runs.extend(run.filter(|run| !run.state.is_terminal()));
         }
         Ok(runs)
     }
+}
+
+/// Name of the tree of unfinished run ids.
+const UNFINISHED_TREE: &str = "unfinished";
+
+/// Fills the `unfinished` index from every stored run (once, for a store older than it).
+/// A record that cannot be read is indexed: resume then logs it rather than forgetting it.
+fn index_unfinished(runs: &sled::Tree, unfinished: &sled::Tree) -> sled::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct StateOnly {
+        state: RunState,
+    }
+    for entry in runs.iter() {
+        let (key, value) = entry?;
+        let state = serde_json::from_slice::<StateOnly>(&value).map(|run| run.state);
+        if !state.is_ok_and(RunState::is_terminal) {
+            unfinished.insert(key, &[])?;
+        }
+    }
+    unfinished.flush()?;
+    Ok(())
 }
 
 /// A listed record, or `None` (logged) when it cannot be read.

@@ -61,6 +61,47 @@ async fn a_damaged_record_is_left_out_instead_of_failing_listing_and_resume() {
     assert_eq!(store.unfinished_runs().unwrap().len(), 1);
 }
 
+/// Resume reads only the runs that have not ended, through an index that follows every
+/// write; a store written before the index existed gets it built when opened.
+#[tokio::test]
+async fn unfinished_runs_come_from_an_index_built_once_for_older_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // An older store: runs, and no index.
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let runs = db.open_tree("runs").unwrap();
+        let finished = RunRecord {
+            state: RunState::Succeeded,
+            ..record("old-finished")
+        };
+        for run in [record("old-queued"), finished] {
+            runs.insert(run.id.as_bytes(), serde_json::to_vec(&run).unwrap())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let ids = |store: &Store| -> Vec<String> {
+        store
+            .unfinished_runs()
+            .unwrap()
+            .into_iter()
+            .map(|run| run.id)
+            .collect()
+    };
+    assert_eq!(ids(&store), ["old-queued"]);
+
+    store.save_run(&record("new-queued")).await.unwrap();
+    let ended = RunRecord {
+        state: RunState::Cancelled,
+        ..record("old-queued")
+    };
+    store.save_run(&ended).await.unwrap();
+    assert_eq!(ids(&store), ["new-queued"]);
+    drop(store);
+    assert_eq!(ids(&Store::open(dir.path()).unwrap()), ["new-queued"]);
+}
+
 /// Opening must fail with an error that names the database path, never panic or wipe.
 fn open_error(data_dir: &std::path::Path) -> String {
     match std::panic::catch_unwind(|| Store::open(data_dir)) {
