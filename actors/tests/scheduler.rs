@@ -17,7 +17,9 @@ use multiplex_actors::config::{ComfyServiceConfig, NodeConfig};
 use multiplex_actors::node::GpuNode;
 use multiplex_actors::scheduler::{Enqueue, ListNodes, NodeStatus, RegisterNode, Scheduler};
 use multiplex_actors::store::Store;
-use multiplex_actors::task::{ConfirmPlacement, RemoteJob, Task, TaskEvent, TaskKey, TaskUpdate};
+use multiplex_actors::task::{
+    ConfirmPlacement, RecordServerId, RemoteJob, Task, TaskEvent, TaskKey, TaskUpdate,
+};
 use multiplex_actors::workflow::{ComfyJob, Requirement, Service};
 use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
 use serde_json::json;
@@ -40,6 +42,14 @@ impl Handler<ConfirmPlacement> for Runs {
     type Result = Result<(), String>;
 
     fn handle(&mut self, _msg: ConfirmPlacement, _ctx: &mut Self::Context) -> Self::Result {
+        Ok(())
+    }
+}
+
+impl Handler<RecordServerId> for Runs {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, _msg: RecordServerId, _ctx: &mut Self::Context) -> Self::Result {
         Ok(())
     }
 }
@@ -96,7 +106,9 @@ fn task(index: usize, runs: &Addr<Runs>) -> Task {
         }),
         remote_id: uuid::Uuid::new_v4().to_string(),
         updates: runs.clone().recipient(),
+        server_id: None,
         placement: runs.clone().recipient(),
+        server_ids: runs.clone().recipient(),
         resume: false,
         pinned_node: None,
         avoid_nodes: Vec::new(),
