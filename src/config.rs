@@ -333,6 +333,30 @@ pub fn validate(file: &ConfigFile) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every SSH key file can be read now: a missing key is a typo to report at startup, not a
+/// tunnel that fails later with a hint about the key's format or passphrase.
+fn check_key_files(file: &ConfigFile) -> anyhow::Result<()> {
+    for node in &file.nodes {
+        let Some(ssh) = &node.ssh else { continue };
+        let hops = [
+            Some(("[nodes.ssh]", &ssh.key_file)),
+            ssh.jump
+                .as_ref()
+                .map(|jump| ("[nodes.ssh.jump]", &jump.key_file)),
+        ];
+        for (section, key_file) in hops.into_iter().flatten() {
+            std::fs::File::open(key_file).with_context(|| {
+                format!(
+                    "node {}: {section} key_file {} cannot be read",
+                    node.name,
+                    key_file.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Every tunnel timing is a duration or count the tunnel waits on or multiplies: a 0 makes
 /// a reconnect backoff that never grows past 0 (a hot reconnect loop), timeouts that expire
 /// at once, or keepalives that declare every session dead, so the tunnel flaps.
@@ -438,6 +462,7 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
         bail!("the configuration has no [[nodes]]: nothing could run a workflow");
     }
     validate(file)?;
+    check_key_files(file)?;
     for node in &file.nodes {
         let comfyui = match &node.comfyui {
             Some(section) => Some(resolve_comfy(node, section, &mut sims).await?),
@@ -926,6 +951,28 @@ mod tests {
         let text = refusal("[[nodes]]\nname = \"bare\"\nslots = 1");
         assert!(
             text.contains("node bare") && text.contains("needs a [nodes.comfyui] or"),
+            "{text}"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn a_missing_ssh_key_file_is_refused_at_startup_naming_it() {
+        let file = parse(
+            r#"[[nodes]]
+            name = "box9"
+            [nodes.comfyui]
+            forward = "comfyui"
+            [nodes.ssh]
+            host = "127.0.0.1"
+            user = "studio"
+            key_file = "/nonexistent/multiplex/id_ed25519"
+            known_hosts = "/nonexistent/known_hosts"
+            forwards = [{ name = "comfyui", remote = "127.0.0.1:8188" }]"#,
+        );
+        let err = resolve(&file).await.err().expect("refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("node box9: [nodes.ssh] key_file /nonexistent/multiplex/id_ed25519"),
             "{text}"
         );
     }

@@ -103,7 +103,9 @@ pub async fn start(options: DaemonOptions) -> anyhow::Result<RunningDaemon> {
         std::net::TcpListener::bind(&bind).with_context(|| format!("cannot listen on {bind}"))?;
 
     let store = Store::open(&data_dir)?;
-    let (cluster_config, sims) = config::resolve(&file).await?;
+    let (cluster_config, sims) = config::resolve(&file)
+        .await
+        .with_context(|| format!("invalid configuration in {source}"))?;
     info!(config = %source, nodes = cluster_config.nodes.len(), data_dir = %data_dir.display(),
         "configuration loaded");
 

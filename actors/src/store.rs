@@ -43,6 +43,11 @@ pub enum StoreError {
          again (nothing is deleted automatically)"
     )]
     Open { path: PathBuf, source: sled::Error },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store I/O on {what}: {source}")]
     Db { what: String, source: sled::Error },
     #[error("store flush: {0}")]
@@ -91,7 +96,10 @@ impl Store {
             path: db_path.clone(),
             source,
         };
-        std::fs::create_dir_all(data_dir).map_err(|err| open_error(sled::Error::Io(err)))?;
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
         let db = sled::Config::new()
             .path(&db_path)
             .flush_every_ms(Some(200))

@@ -111,6 +111,21 @@ fn open_error(data_dir: &std::path::Path) -> String {
     }
 }
 
+#[test]
+fn a_data_directory_that_is_a_file_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let message = open_error(&file);
+    assert!(
+        message.starts_with(&format!(
+            "cannot create the data directory {}",
+            file.display()
+        )),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn a_store_that_cannot_be_opened_is_an_error_naming_its_path() {
     // In use by another daemon: sled's lock file is held.
