@@ -173,71 +173,9 @@ pub fn timestamp(value: &Value, key: &str) -> String {
 
 /// Seconds since the Unix epoch for an RFC 3339 timestamp such as `2025-01-31T14:02:07.5Z`
 /// or `...+02:00`; `None` for anything else.
-///
-/// Only durations between two of the daemon's timestamps are derived from this, so a small
-/// parser is enough and spares the CLI a date-time dependency.
 pub fn parse_rfc3339(s: &str) -> Option<f64> {
-    let b = s.as_bytes();
-    let digits = |from: usize, len: usize| -> Option<i64> {
-        let part = s.get(from..from + len)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())?
-    };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    if !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let (year, month, day) = (digits(0, 4)?, digits(5, 2)?, digits(8, 2)?);
-    let (hour, minute, second) = (digits(11, 2)?, digits(14, 2)?, digits(17, 2)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    if second > 60 {
-        return None;
-    }
-
-    let mut rest = &s[19..];
-    let mut fraction = 0.0;
-    if let Some(after_dot) = rest.strip_prefix('.') {
-        let len = after_dot.bytes().take_while(u8::is_ascii_digit).count();
-        if len == 0 {
-            return None;
-        }
-        fraction = format!("0.{}", &after_dot[..len]).parse().ok()?;
-        rest = &after_dot[len..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && rest.as_bytes()[3] == b':' => {
-            let sign = match rest.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let hours: i64 = digits(s.len() - 5, 2)?;
-            let minutes: i64 = digits(s.len() - 2, 2)?;
-            sign * (hours * 3600 + minutes * 60)
-        }
-        _ => return None,
-    };
-
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    Some(secs as f64 + fraction)
-}
-
-/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let at = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339);
+    at.ok().map(|at| at.unix_timestamp_nanos() as f64 / 1e9)
 }
 
 #[cfg(test)]
