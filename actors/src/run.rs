@@ -482,6 +482,7 @@ impl WorkflowRun {
             server_ids: addr.recipient(),
             resume: false,
             pinned_node: None,
+            left_node: None,
             avoid_nodes: Vec::new(),
             more_vram_than: None,
             lease: None,
