@@ -547,6 +547,15 @@ impl Harness {
         text
     }
 
+    /// The whole stderr of a child (`daemon` or a node's simulator), over all its lives: what
+    /// a test waits on when the daemon's log is the only sign of a step it must not miss.
+    pub fn log(&self, name: &str) -> String {
+        let path = self.dir.path().join(format!("{name}.log"));
+        std::fs::read(path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
     /// Leaves the temporary folder (logs, config, data) in place when the harness goes, for
     /// a post-mortem.
     pub fn keep_files(&mut self) {

@@ -482,6 +482,7 @@ impl WorkflowRun {
             server_ids: addr.recipient(),
             resume: false,
             pinned_node: None,
+            left_node: None,
             avoid_nodes: Vec::new(),
             more_vram_than: None,
             lease: None,
@@ -979,20 +980,31 @@ impl Handler<TaskUpdate> for WorkflowRun {
 impl Handler<ConfirmPlacement> for WorkflowRun {
     type Result = ResponseActFuture<Self, Result<(), String>>;
 
-    /// Records the node before the node sends anything; answers once that is durable.
+    /// Records the node before the node sends anything; answers once that is durable. Work
+    /// resumed where the record already places it (after a restart) changes nothing, and is
+    /// neither saved again nor moved back to `assigned`.
     fn handle(&mut self, msg: ConfirmPlacement, _ctx: &mut Self::Context) -> Self::Result {
-        let current = self
-            .record
-            .step(&msg.key.step_id)
-            .map(|s| (s.attempts, s.state));
-        match current {
-            Some((attempt, state)) if attempt == msg.key.attempt && !state.is_terminal() => {}
-            _ => {
-                return Box::pin(fut::ready(Err(format!(
-                    "task {} is no longer wanted",
-                    msg.key
-                ))))
-            }
+        let current = self.record.step(&msg.key.step_id).map(|s| {
+            (
+                s.attempts,
+                s.state,
+                s.node.as_deref() == Some(msg.node.as_str()),
+            )
+        });
+        let wanted = current
+            .filter(|(attempt, state, _)| *attempt == msg.key.attempt && !state.is_terminal());
+        let Some((_, state, same_node)) = wanted else {
+            return Box::pin(fut::ready(Err(format!(
+                "task {} is no longer wanted",
+                msg.key
+            ))));
+        };
+        let placed = matches!(
+            state,
+            StepState::Assigned | StepState::Submitted | StepState::Running
+        );
+        if placed && same_node {
+            return Box::pin(fut::ready(Ok(())));
         }
         if let Some(step) = self.record.step_mut(&msg.key.step_id) {
             step.state = StepState::Assigned;

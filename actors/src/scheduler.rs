@@ -10,11 +10,15 @@
 //! wins (a cold Flux or Wan load costs tens of seconds), then the one with the most free
 //! slots. Tasks nobody can take now wait in arrival order.
 //!
-//! Two kinds of task carry constraints. A task resumed after a restart is pinned to the node
-//! its work was sent to, until that node has been away for the grace period; then it is
-//! placed anywhere as new work. A retry after out-of-memory avoids the node that failed and
-//! wants one with more free VRAM; a task no node could ever take fails at once rather than
-//! waiting forever.
+//! Two kinds of task carry constraints. A task resumed after a restart (or retried after its
+//! node was lost) is pinned to the node its work was sent to, until that node has been away
+//! for the grace period; then any capable node may take it, the one it left included. That
+//! node is not excluded: when it is the only one that can run the step, excluding it would
+//! leave the task waiting forever once it is back. Placed back there, the task is resumed
+//! (the node asks its service where the work stands before sending anything), since the
+//! service may still hold it; placed elsewhere, it is sent as new work. A retry after
+//! out-of-memory avoids the node that failed and wants one with more free VRAM; a task no
+//! node could ever take fails at once rather than waiting forever.
 //!
 //! Leases ([`crate::lease`]) add one more filter, asked of the shared [`LeaseBook`] when a
 //! task is placed: a leased node takes only its lease's tasks, and a task under a lease goes
@@ -232,6 +236,8 @@ impl Scheduler {
             .filter(|(_, node)| self.has_more_vram(task, node))
             .max_by_key(|(index, node)| {
                 (
+                    // The node the work was taken off may have it done or under way.
+                    task.left_node.as_ref() == Some(&node.config.name),
                     node.warm_models(task),
                     node.free_slots(),
                     std::cmp::Reverse(*index),
@@ -264,7 +270,9 @@ impl Scheduler {
     }
 
     /// Lets go of pins to nodes away longer than the grace period, and fails tasks that
-    /// waited that long for a node with more VRAM that never came.
+    /// waited that long for a node with more VRAM that never came. The node a pin is let go
+    /// of stays allowed (see the module doc): the task takes whichever capable node is
+    /// available first.
     fn apply_grace(&mut self) {
         let grace = self.node_grace;
         let mut changed = false;
@@ -277,10 +285,10 @@ impl Scheduler {
                 };
                 if away_too_long {
                     info!(task = %waiting.task.key, node = %pin,
-                        "node away past the grace period; placing the task elsewhere");
+                        "node away past the grace period; the task may go to any capable node");
                     waiting.task.pinned_node = None;
                     waiting.task.resume = false;
-                    waiting.task.avoid_nodes.push(pin);
+                    waiting.task.left_node = Some(pin);
                     changed = true;
                 }
             }
@@ -304,9 +312,15 @@ impl Scheduler {
         self.nodes.iter().find(|node| node.config.name == name)
     }
 
-    fn place(&mut self, index: usize, task: Task) {
+    fn place(&mut self, index: usize, mut task: Task) {
         let node = &mut self.nodes[index];
-        info!(task = %task.key, node = %node.config.name, "task placed");
+        // Back on the node it was taken off: the work may be queued, running or done there,
+        // or forgotten by a restarted service; only asking the service tells which, so the
+        // work is neither done twice nor lost.
+        if task.left_node.as_ref() == Some(&node.config.name) {
+            task.resume = true;
+        }
+        info!(task = %task.key, node = %node.config.name, resume = task.resume, "task placed");
         node.running.push(task.key.clone());
         for model in &task.requirement.models {
             node.recent_models.retain(|m| m != model);

@@ -53,6 +53,10 @@ pub struct Task {
     /// Run only on this node: the one the work was sent to. The scheduler lets go of the pin
     /// once the node has been away longer than the grace period.
     pub pinned_node: Option<String>,
+    /// The node the pin was let go of: it may still hold the work (queued, running, done),
+    /// so it stays a candidate, preferred when it is back, and a placement there sets
+    /// `resume` to look the work up before sending anything. Set only by the scheduler.
+    pub left_node: Option<String>,
     /// Nodes not to use for this attempt, e.g. one that just ran out of memory on it.
     pub avoid_nodes: Vec<String>,
     /// Only nodes with more free VRAM than this node had: the retry after out-of-memory.

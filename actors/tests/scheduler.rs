@@ -111,6 +111,7 @@ fn task(index: usize, runs: &Addr<Runs>) -> Task {
         server_ids: runs.clone().recipient(),
         resume: false,
         pinned_node: None,
+        left_node: None,
         avoid_nodes: Vec::new(),
         more_vram_than: None,
         lease: None,

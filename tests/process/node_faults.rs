@@ -211,3 +211,89 @@ async fn a_node_whose_socket_upgrade_is_refused_gives_up_and_says_why() -> anyho
     })
     .await
 }
+
+/// Intent, still, and a clip of the still: the clip can run only on `vid`, the one video node.
+fn still_then_clip() -> Value {
+    json!({
+        "name": "still then clip",
+        "nodes": [
+            {"id": "brief", "type": "intent", "data": {"prompt": "a lighthouse at dusk"}},
+            {"id": "still", "type": "image",
+             "data": {"width": 512, "height": 512, "steps": 4, "seed": 3}},
+            {"id": "clip", "type": "video", "data": {"frames": 49, "fps": 16}}
+        ],
+        "edges": [
+            {"id": "e1", "source": "brief", "target": "still"},
+            {"id": "e2", "source": "still", "target": "clip"}
+        ]
+    })
+}
+
+/// What the daemon logs when it lets go of a task's pin to a node away past the grace.
+const PIN_RELEASED: &str = "node away past the grace period; the task may go to any capable node";
+
+#[tokio::test]
+async fn the_only_video_node_back_after_the_grace_gets_its_step_again() -> anyhow::Result<()> {
+    let mut spec = ClusterSpec::standard(5);
+    spec.node_grace_ms = 1_000;
+    let mut harness = start(spec).await?;
+    bounded(&mut harness, async |harness| {
+        // Slow in its first life only, so the clip is caught running; restarted, the
+        // simulator has its flags' pace again.
+        harness.sim_control("vid", &json!({"step_ms": 200})).await?;
+        let id = harness.submit(&still_then_clip()).await?;
+        let run = harness
+            .wait_run(&id, PATIENCE, |run| {
+                let clip = multiplex::harness::step(run, "clip");
+                clip["state"] == "running" && clip["remote"]["prompt_id"].is_string()
+            })
+            .await?;
+        let prompt = step(&run, "clip")?["remote"]["prompt_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let first_life = harness.sim_stats("vid").await?;
+        ensure!(
+            first_life["prompts_by_id"][&prompt] == 1,
+            "vid's first life: {first_life}"
+        );
+
+        harness.kill_sim("vid").await?;
+        // The run retried the step, and the scheduler let go of its pin to vid: the very
+        // state in which a task used to wait forever for a node it excluded.
+        harness
+            .wait_for(
+                "the clip's pin to vid to be let go of",
+                PATIENCE,
+                || async {
+                    let log = harness.log("daemon");
+                    let released = log
+                        .lines()
+                        .any(|line| line.contains(PIN_RELEASED) && line.contains("node=vid"));
+                    Ok(released.then_some(()))
+                },
+            )
+            .await?;
+        harness.start_sim("vid").await?;
+
+        let run = expect_success(harness, &id).await?;
+        ensure!(step(&run, "clip")?["node"] == "vid", "{run}");
+        // Placed back on the node it left, the step first asked vid where its prompt stood.
+        let resumed = harness.log("daemon").lines().any(|line| {
+            line.contains("task placed")
+                && line.contains(&format!("{id}/clip#2 node=vid"))
+                && line.contains("resume=true")
+        });
+        ensure!(resumed, "the clip was not resumed on vid");
+        // Restarted empty, vid did not know the prompt when asked: it got it again, once,
+        // under the same id.
+        let second_life = harness.sim_stats("vid").await?;
+        ensure!(
+            second_life["prompts_by_id"][&prompt] == 1
+                && count(&second_life, "prompts_received") == 1,
+            "vid's second life: {second_life}"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -52,6 +52,63 @@ async fn the_tunnel_reconnects_after_sshd_is_killed_and_the_run_completes() {
 }
 
 #[actix_rt::test]
+async fn a_prompt_finished_while_its_only_node_was_away_past_the_grace_is_collected() {
+    let mut sshd = Sshd::start();
+    let comfy = comfy_sim(50).await;
+    // A grace much shorter than the still (40 steps of 50 ms): the step is given up on the
+    // node and its pin let go of while ComfyUI, only cut off, goes on with the prompt.
+    let config = format!(
+        "[daemon]\nnode_grace_ms = 200\n\n[templates]\nimage = \"flux-txt2img\"\n{}",
+        comfy_node("gpu", &sshd, comfy.addr(), &[])
+    );
+    let daemon = daemon(&config);
+    daemon.wait_nodes_available().await;
+
+    let id = daemon.submit(&slow_image()).await;
+    let run = daemon
+        .wait_run(&id, |run| {
+            step(run, "still")["state"] == "running" && step(run, "still")["remote"].is_object()
+        })
+        .await;
+    let prompt = step(&run, "still")["remote"]["prompt_id"]
+        .as_str()
+        .expect("a prompt id")
+        .to_string();
+
+    sshd.kill();
+    // The node gave the step up, and the run queued it again under the same prompt id.
+    daemon
+        .wait_run(&id, |run| {
+            step(run, "still")["attempts"].as_u64() >= Some(2)
+        })
+        .await;
+    let history = format!("{}history/{prompt}", comfy.url());
+    let deadline = Instant::now() + util::PATIENCE;
+    loop {
+        let answer: Value = reqwest::get(&history)
+            .await
+            .expect("the simulator answers")
+            .json()
+            .await
+            .expect("history is JSON");
+        if answer.get(&prompt).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the prompt never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sshd.restart();
+
+    // Back, the node is asked where the prompt stands: finished, so its outputs are
+    // collected and nothing is posted again.
+    let run = daemon.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(step(&run, "still")["node"], "gpu", "{run}");
+    assert_eq!(comfy.prompts_received(), 1, "{:?}", comfy.prompts_by_id());
+    daemon.daemon.stop().await;
+}
+
+#[actix_rt::test]
 async fn host_keys_not_in_known_hosts_are_refused_naming_the_fingerprint() {
     let mut changed = Sshd::start();
     changed.change_host_key();

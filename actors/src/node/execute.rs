@@ -1,11 +1,14 @@
 //! Running one task on a node's service: the future a `GpuNode` spawns per task.
 //!
-//! Fresh work is confirmed with the run first (so the placement is durable before anything
-//! is sent), then sent. Resumed work (after a daemon or node-actor restart, or a node that
-//! came back) is first looked up on the service: ComfyUI's queue and history, LangFlow's
-//! stored messages. Only work the service does not know is sent again, once, under the same
-//! id. Fresh work that the node forgets while it runs (a ComfyUI restart) is sent again the
-//! same way. That is what keeps GPU work from being done twice or lost.
+//! Every placement is confirmed with the run first, so it is durable before anything is
+//! sent or followed: resumed work too, since a retry that comes back to the node it left
+//! was queued with no node recorded, and a daemon restart must find it here, not send it
+//! anew elsewhere. Fresh work is then sent. Resumed work (after a daemon or node-actor
+//! restart, or a node that came back) is first looked up on the service: ComfyUI's queue
+//! and history, LangFlow's stored messages. Only work the service does not know is sent
+//! again, once, under the same id. Fresh work that the node forgets while it runs (a
+//! ComfyUI restart) is sent again the same way. That is what keeps GPU work from being done
+//! twice or lost.
 //!
 //! An older ComfyUI runs a prompt under an id of its own: that id is recorded with the step
 //! (and flushed) before the prompt is followed, and a resumed prompt unknown by the ids the
@@ -67,15 +70,13 @@ pub(super) struct LangflowService {
 
 /// Runs the task and answers its final event. Progress goes to the task's run on the way.
 pub(super) async fn execute(task: Task, services: Services) -> TaskEvent {
-    if !task.resume {
-        if let Err(error) = confirm_placement(&task, &services.node).await {
-            return TaskEvent::Failed(TaskFailure {
-                error,
-                retryable: true,
-                out_of_memory: false,
-                node_lost: false,
-            });
-        }
+    if let Err(error) = confirm_placement(&task, &services.node).await {
+        return TaskEvent::Failed(TaskFailure {
+            error,
+            retryable: true,
+            out_of_memory: false,
+            node_lost: false,
+        });
     }
     let outcome = match &task.job {
         RemoteJob::Comfy(job) => match &services.comfy {
