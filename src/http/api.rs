@@ -1,8 +1,11 @@
 //! REST handlers: each one extracts, asks the [`Cluster`], and shapes the answer.
 
 use actix_files::NamedFile;
-use actix_web::http::header::{ContentDisposition, DispositionParam, DispositionType};
+use actix_web::http::header::{
+    Charset, ContentDisposition, DispositionParam, DispositionType, ExtendedValue,
+};
 use actix_web::{web, HttpRequest, HttpResponse};
+use multiplex_actors::artifact::safe_filename;
 use multiplex_actors::cluster::Cluster;
 use multiplex_actors::store::RunRecord;
 use serde::Deserialize;
@@ -167,12 +170,64 @@ async fn artifact(
         ))
     })?;
     let mime: mime::Mime = meta.mime.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
-    let disposition = ContentDisposition {
-        disposition: DispositionType::Inline,
-        parameters: vec![DispositionParam::Filename(meta.filename.clone())],
-    };
     Ok(file
         .set_content_type(mime)
-        .set_content_disposition(disposition)
+        .set_content_disposition(disposition(&meta.filename))
         .into_response(&request))
+}
+
+/// `inline` with the artifact's file name, built so that the header can always be sent: the
+/// name is made safe again (an index written before names were cleaned may hold a step id
+/// with a line break), an ASCII name goes in `filename`, and a non-ASCII one in RFC 6266's
+/// `filename*` with an ASCII stand-in in `filename` for clients that know only that.
+fn disposition(filename: &str) -> ContentDisposition {
+    let name = safe_filename(filename);
+    let mut parameters = Vec::with_capacity(2);
+    if name.is_ascii() {
+        parameters.push(DispositionParam::Filename(name));
+    } else {
+        let ascii: String = name
+            .chars()
+            .map(|c| if c.is_ascii() { c } else { '_' })
+            .collect();
+        parameters.push(DispositionParam::Filename(ascii));
+        parameters.push(DispositionParam::FilenameExt(ExtendedValue {
+            charset: Charset::Ext("UTF-8".into()),
+            language_tag: None,
+            value: name.into_bytes(),
+        }));
+    }
+    ContentDisposition {
+        disposition: DispositionType::Inline,
+        parameters,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::header::TryIntoHeaderValue;
+
+    use super::disposition;
+
+    #[test]
+    fn every_file_name_makes_a_valid_content_disposition() {
+        let header = |name: &str| {
+            let value = disposition(name).try_into_value().expect("a valid header");
+            value.to_str().expect("visible ASCII").to_owned()
+        };
+        assert_eq!(header("brief.txt"), r#"inline; filename="brief.txt""#);
+        assert_eq!(header("x\r\ny.txt"), r#"inline; filename="x__y.txt""#);
+        assert_eq!(
+            header("../../../../tmp/pwned.txt"),
+            r#"inline; filename=".._.._.._.._tmp_pwned.txt""#
+        );
+        assert_eq!(
+            header("über.txt"),
+            "inline; filename=\"_ber.txt\"; filename*=UTF-8''%C3%BCber.txt"
+        );
+        assert_eq!(
+            header("say \"hi\".txt"),
+            r#"inline; filename="say \"hi\".txt""#
+        );
+    }
 }
