@@ -96,6 +96,7 @@ pub fn serve(
             .app_data(tokens.clone())
             .app_data(browsers.clone())
             .app_data(error::json_config(max_body_bytes))
+            .app_data(error::query_config())
             .app_data(web::PayloadConfig::new(max_body_bytes))
             // Last wrapped runs first: the query token is gone before the logger sees the
             // URI, and refusals are logged inside the request's span.

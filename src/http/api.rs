@@ -74,17 +74,46 @@ async fn submit(
         .json(run_view(&record)))
 }
 
+/// `GET /api/workflows`' parameters, each checked as it is read so that the error names it:
+/// a limit out of range used to be clamped, and a `before` that is no run id ignored.
 #[derive(Deserialize)]
 struct ListQuery {
+    #[serde(default, deserialize_with = "list_limit")]
     limit: Option<usize>,
+    #[serde(default, deserialize_with = "run_id")]
     before: Option<String>,
+}
+
+/// Runs one listing returns when `limit` is not given.
+const DEFAULT_LIST: usize = 50;
+
+fn list_limit<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<usize>, D::Error> {
+    let text = String::deserialize(value)?;
+    match text.parse::<usize>() {
+        Ok(limit) if (1..=MAX_LIST).contains(&limit) => Ok(Some(limit)),
+        _ => Err(serde::de::Error::custom(format!(
+            "`limit` must be an integer from 1 to {MAX_LIST}, got {text:?}"
+        ))),
+    }
+}
+
+/// Run ids are UUIDs, stored in their lowercase hyphenated form; any other spelling of one is
+/// brought to it, since `before` is compared with the stored ids byte by byte.
+fn run_id<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(value)?;
+    match uuid::Uuid::try_parse(&text) {
+        Ok(id) => Ok(Some(id.hyphenated().to_string())),
+        Err(_) => Err(serde::de::Error::custom(format!(
+            "`before` must be a run id (a UUID), got {text:?}"
+        ))),
+    }
 }
 
 async fn list(
     cluster: web::Data<Cluster>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = query.limit.unwrap_or(50).clamp(1, MAX_LIST);
+    let limit = query.limit.unwrap_or(DEFAULT_LIST);
     let runs = cluster.runs(limit, query.before.as_deref())?;
     let views: Vec<Value> = runs.iter().map(run_view).collect();
     Ok(HttpResponse::Ok().json(json!({ "runs": views })))

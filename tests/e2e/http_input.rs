@@ -267,3 +267,63 @@ async fn pages_from_elsewhere_and_rebound_host_names_are_refused() {
     assert_eq!(status, 200);
     test.daemon.stop().await;
 }
+
+/// Query strings used to be refused in actix's `text/plain` ("Query deserialize error: ..."),
+/// a `limit` out of 1 to 500 was clamped without a word, and a `before` that is no run id
+/// was ignored. Each is now a `bad_request` naming the parameter.
+#[actix_rt::test]
+async fn bad_listing_parameters_are_refused_naming_the_parameter() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+    let intent = json!({"name": "one", "nodes": [
+        {"id": "a", "type": "intent", "data": {"prompt": "x"}}]});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(test.submit(&intent).await);
+    }
+
+    let cases = [
+        ("limit=-1", "`limit` must be an integer from 1 to 500"),
+        ("limit=abc", "`limit` must be an integer from 1 to 500"),
+        ("limit=0", "got \"0\""),
+        ("limit=501", "got \"501\""),
+        ("limit=", "`limit`"),
+        (
+            "before=nonsense",
+            "`before` must be a run id (a UUID), got \"nonsense\"",
+        ),
+        ("limit=5&limit=6", "limit"),
+    ];
+    for (query, expected) in cases {
+        let response = test.get_response(&format!("/api/workflows?{query}")).await;
+        assert_eq!(response.status().as_u16(), 400, "{query}");
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{query}: {content_type}"
+        );
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(body["error"], "bad_request", "{query}: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{query}: {body}");
+    }
+
+    // The ends of the range, and paging before a run id in any spelling of it.
+    for (query, count) in [("limit=1", 1), ("limit=500", 2)] {
+        let (status, list) = test.get(&format!("/api/workflows?{query}")).await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(
+            list["runs"].as_array().map(Vec::len),
+            Some(count),
+            "{query}"
+        );
+    }
+    let newest = ids[1].to_uppercase();
+    let (status, list) = test.get(&format!("/api/workflows?before={newest}")).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["runs"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list["runs"][0]["id"], ids[0].as_str(), "{list}");
+    test.daemon.stop().await;
+}
