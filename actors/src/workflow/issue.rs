@@ -65,6 +65,8 @@ pub mod codes {
     pub const NO_CAPABLE_NODE: &str = "no_capable_node";
     /// Part of the document is nested deeper than [`crate::workflow::MAX_DEPTH`] levels.
     pub const TOO_DEEP: &str = "too_deep";
+    /// The document has more nodes than the daemon's `max_steps`.
+    pub const TOO_MANY_STEPS: &str = "too_many_steps";
 }
 
 /// Collects issues while a document is checked.
