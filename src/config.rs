@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use multiplex_actors::config::{
     ClusterConfig, ComfyServiceConfig, FlowConfig, ForwardConfig, GpuConfig, LangflowServiceConfig,
-    NodeConfig, SshConfig, SshHop, TunnelTiming, DEFAULT_NODE_GRACE_MS,
+    NodeConfig, SshConfig, SshHop, TunnelTiming, DEFAULT_MAX_STEPS, DEFAULT_NODE_GRACE_MS,
 };
 use multiplex_actors::workflow::TemplateLibrary;
 use multiplex_sim::comfyui::{ComfySim, ComfySimConfig};
@@ -67,6 +67,8 @@ pub struct DaemonSection {
     pub max_body_bytes: Option<usize>,
     /// How long a node may be away before its work is placed elsewhere (milliseconds).
     pub node_grace_ms: Option<u64>,
+    /// Most steps a submitted workflow may have (see [`ClusterConfig::max_steps`]).
+    pub max_steps: Option<usize>,
     /// Browser origins allowed to call the daemon besides loopback pages, e.g.
     /// `"https://canvas.example.com"` (see docs/api.md, "Browsers").
     #[serde(default, alias = "mcp_allowed_origins")]
@@ -295,6 +297,12 @@ pub fn templates(file: &ConfigFile, source: &Source) -> anyhow::Result<TemplateL
 /// that would only surface when the first workflow fails to place. Runs before any
 /// simulator starts; every error names the node and the field.
 pub fn validate(file: &ConfigFile) -> anyhow::Result<()> {
+    if file.daemon.max_steps == Some(0) {
+        bail!(
+            "[daemon] `max_steps` is 0, so every workflow would be refused (omit it for the \
+               default, {DEFAULT_MAX_STEPS})"
+        );
+    }
     let mut names = std::collections::HashSet::new();
     for (index, node) in file.nodes.iter().enumerate() {
         if node.name.trim().is_empty() {
@@ -496,6 +504,7 @@ pub async fn resolve(file: &ConfigFile) -> anyhow::Result<(ClusterConfig, Simula
         default_video_template: file.templates.video.clone().unwrap_or("wan21-i2v".into()),
         nodes,
         node_grace_ms: file.daemon.node_grace_ms.unwrap_or(DEFAULT_NODE_GRACE_MS),
+        max_steps: file.daemon.max_steps.unwrap_or(DEFAULT_MAX_STEPS),
     };
     Ok((config, sims))
 }
@@ -975,6 +984,13 @@ mod tests {
             text.contains("node box9: [nodes.ssh] key_file /nonexistent/multiplex/id_ed25519"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_max_steps_of_zero_is_refused_by_validate() {
+        let text = refusal(&format!("[daemon]\nmax_steps = 0\n{GOOD_NODE}"));
+        assert!(text.contains("`max_steps` is 0"), "{text}");
+        validate(&parse(&format!("[daemon]\nmax_steps = 1\n{GOOD_NODE}"))).unwrap();
     }
 
     /// The first node's simulator would start before the second node's problem is seen if

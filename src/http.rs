@@ -90,12 +90,15 @@ pub fn serve(
     ));
     let tokens = web::Data::new(tokens);
     let max_body_bytes = limits.max_body_bytes;
+    let max_frame = web::Data::new(ws::MaxFrame::for_body_limit(max_body_bytes));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(cluster.clone())
             .app_data(tokens.clone())
             .app_data(browsers.clone())
+            .app_data(max_frame.clone())
             .app_data(error::json_config(max_body_bytes))
+            .app_data(error::query_config())
             .app_data(web::PayloadConfig::new(max_body_bytes))
             // Last wrapped runs first: the query token is gone before the logger sees the
             // URI, and refusals are logged inside the request's span.

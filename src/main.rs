@@ -487,6 +487,8 @@ fn export_artifacts(
     std::fs::create_dir_all(outputs)
         .with_context(|| format!("cannot create {}", outputs.display()))?;
     let mut exported = Vec::new();
+    // Names already given, by artifact: two step ids can clean up to the same name.
+    let mut taken: std::collections::HashMap<String, String> = Default::default();
     let steps = run["steps"].as_array().cloned().unwrap_or_default();
     // The output step re-lists its inputs' artifacts; link each file once, under its maker.
     for step in steps.iter().filter(|step| step["kind"] != "output") {
@@ -500,7 +502,11 @@ fn export_artifacts(
             let Some(source) = artifact_file(data_dir, id) else {
                 continue;
             };
-            let name = safe_file_name(&format!("{step_id}-{filename}"));
+            let mut name = safe_file_name(&format!("{step_id}-{filename}"));
+            if taken.get(&name).is_some_and(|owner| owner != id) {
+                name = safe_file_name(&format!("{}-{name}", &id[..12]));
+            }
+            taken.insert(name.clone(), id.to_string());
             let target = outputs.join(name);
             if !target.exists() && std::fs::hard_link(&source, &target).is_err() {
                 std::fs::copy(&source, &target)
@@ -519,9 +525,11 @@ fn artifact_file(data_dir: &Path, id: &str) -> Option<PathBuf> {
     valid.then(|| data_dir.join("artifacts").join(&id[..2]).join(id))
 }
 
-/// Keeps a file name to letters, digits and `._-`, so names from services stay in the folder.
+/// Keeps a file name to letters, digits and `._-`, so names made of step ids and service
+/// file names stay in the folder, and to a length every file system takes.
 fn safe_file_name(name: &str) -> String {
-    name.chars()
+    let ascii: String = name
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {
                 c
@@ -529,13 +537,16 @@ fn safe_file_name(name: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    multiplex_actors::artifact::safe_filename(&ascii)
 }
 
 fn print_exported(outputs: &Path, files: &[(String, String, PathBuf)]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "\nartifacts in {}:", outputs.display());
     for (step, kind, path) in files {
+        // A step id is the document's text: escaped, so it cannot move the cursor.
+        let step = step.escape_debug().to_string();
         let _ = writeln!(out, "  {step:<10} {kind:<6} {}", path.display());
     }
 }
@@ -579,6 +590,36 @@ fn error_chain(err: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use anyhow::Context as _;
+    use serde_json::json;
+
+    #[test]
+    fn exported_names_stay_in_the_folder_and_apart() {
+        let data = tempfile::tempdir().unwrap();
+        let ids = ["a".repeat(64), "b".repeat(64)];
+        for id in &ids {
+            let dir = data.path().join("artifacts").join(&id[..2]);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(id), id).unwrap();
+        }
+        let artifact = |id: &str| json!([{"id": id, "filename": "x.txt", "kind": "text"}]);
+        let long = "s".repeat(400);
+        let run = json!({"steps": [
+            {"id": "../../../../tmp/pwned", "kind": "intent", "artifacts": artifact(&ids[0])},
+            {"id": "..\\..\\..\\..\\tmp\\pwned", "kind": "intent",
+             "artifacts": artifact(&ids[1])},
+            {"id": long, "kind": "intent", "artifacts": artifact(&ids[1])}]});
+        let outputs = data.path().join("outputs").join("run");
+        let files = super::export_artifacts(&run, data.path(), &outputs).unwrap();
+        assert_eq!(files.len(), 3);
+        for (_, _, path) in &files {
+            assert_eq!(path.parent(), Some(outputs.as_path()), "{}", path.display());
+            let name = path.file_name().unwrap().to_str().unwrap();
+            assert!(name.len() <= 120 && name.ends_with(".txt"), "{name}");
+        }
+        assert_eq!(std::fs::read_to_string(&files[0].2).unwrap(), ids[0]);
+        assert_eq!(std::fs::read_to_string(&files[1].2).unwrap(), ids[1]);
+        assert_ne!(files[0].2, files[1].2);
+    }
 
     #[test]
     fn a_cause_already_in_the_message_is_printed_once() {

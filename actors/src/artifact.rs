@@ -49,6 +49,42 @@ impl ArtifactMeta {
     }
 }
 
+/// Longest file name [`safe_filename`] keeps, in characters: well under the 255 bytes most
+/// file systems allow, so a long step id still makes a name a download can be saved under.
+pub const MAX_FILENAME_CHARS: usize = 120;
+
+/// A file name that is safe to save under and to put in a header: path separators and
+/// control characters (which step ids and service answers may contain) become `_`, so the
+/// name can neither leave a folder nor break a `Content-Disposition` line; overlong names are
+/// cut, and a name that is empty or all dots becomes `artifact`. Non-ASCII letters are kept.
+pub fn safe_filename(name: &str) -> String {
+    let mut safe: String = name
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let chars = safe.chars().count();
+    if chars > MAX_FILENAME_CHARS {
+        // Keep the extension, which says how to open the file.
+        let ext: String = match safe.rsplit_once('.') {
+            Some((_, ext)) if ext.chars().count() <= 8 => format!(".{ext}"),
+            _ => String::new(),
+        };
+        let keep = MAX_FILENAME_CHARS - ext.chars().count();
+        safe = safe.chars().take(keep).collect::<String>() + &ext;
+    }
+    let trimmed = safe.trim();
+    if trimmed.chars().all(|c| c == '.') {
+        return "artifact".to_owned();
+    }
+    trimmed.to_owned()
+}
+
 /// Guesses the MIME type and artifact kind from a file name's extension.
 pub fn classify_filename(filename: &str) -> (ArtifactKind, &'static str) {
     let ext = filename
@@ -66,5 +102,27 @@ pub fn classify_filename(filename: &str) -> (ArtifactKind, &'static str) {
         "txt" => (ArtifactKind::Text, "text/plain; charset=utf-8"),
         "json" => (ArtifactKind::Data, "application/json"),
         _ => (ArtifactKind::Data, "application/octet-stream"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_filename;
+
+    #[test]
+    fn file_names_cannot_leave_a_folder_or_break_a_header() {
+        assert_eq!(
+            safe_filename("../../../../tmp/pwned.txt"),
+            ".._.._.._.._tmp_pwned.txt"
+        );
+        assert_eq!(safe_filename("x\r\ny.txt"), "x__y.txt");
+        assert_eq!(safe_filename("a\\b\u{7f}.png"), "a_b_.png");
+        assert_eq!(safe_filename("brief über.txt"), "brief über.txt");
+        assert_eq!(safe_filename(".."), "artifact");
+        assert_eq!(safe_filename("  "), "artifact");
+        let long = format!("{}.txt", "é".repeat(500));
+        let cut = safe_filename(&long);
+        assert_eq!(cut.chars().count(), super::MAX_FILENAME_CHARS);
+        assert!(cut.ends_with(".txt"), "{cut}");
     }
 }

@@ -22,6 +22,19 @@ pub struct ClusterConfig {
     /// milliseconds. Long enough for a ComfyUI restart, short enough not to stall a run.
     #[serde(default = "default_node_grace_ms")]
     pub node_grace_ms: u64,
+    /// Most steps (nodes) a workflow may have; larger documents are refused at validation.
+    /// A run's record holds every step and is rewritten whole on each step's transition, so
+    /// the bytes written grow with the square of the step count (5000 steps wrote 11 GB).
+    #[serde(default = "default_max_steps")]
+    pub max_steps: usize,
+}
+
+/// Default of [`ClusterConfig::max_steps`]: far more than a canvas shows, few enough that
+/// a run's writes stay in megabytes.
+pub const DEFAULT_MAX_STEPS: usize = 500;
+
+fn default_max_steps() -> usize {
+    DEFAULT_MAX_STEPS
 }
 
 /// Default of [`ClusterConfig::node_grace_ms`]: 30 seconds.

@@ -23,6 +23,7 @@ fn start_cluster(data_dir: &std::path::Path) -> Cluster {
         default_video_template: "wan21-i2v".into(),
         nodes: Vec::new(),
         node_grace_ms: 1_000,
+        max_steps: multiplex_actors::config::DEFAULT_MAX_STEPS,
     };
     let templates = TemplateLibrary::builtin().expect("the built-in templates load");
     let store = Store::open(data_dir).expect("the store opens in a temporary directory");
@@ -196,6 +197,7 @@ async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted
         default_video_template: "wan21-i2v".into(),
         nodes: vec![node],
         node_grace_ms: 30_000,
+        max_steps: multiplex_actors::config::DEFAULT_MAX_STEPS,
     };
     let templates = TemplateLibrary::builtin().expect("the built-in templates load");
     let store = Store::open(dir.path()).expect("the store opens");

@@ -215,3 +215,36 @@ async fn a_sound_store_reopens_with_every_run_after_many_restarts() {
             .unwrap();
     }
 }
+
+/// Artifacts are content-addressed: a second store of the same bytes (another run's intent
+/// with the same prompt) used to overwrite the first one's name and type, so the first
+/// run's link served the second run's file name, even one a header cannot carry.
+#[tokio::test]
+async fn the_first_metadata_of_some_bytes_is_kept() {
+    use multiplex_actors::artifact::ArtifactKind;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let files = store.artifacts();
+    let bytes = bytes::Bytes::from_static(b"a lighthouse at dusk");
+    let text = "text/plain; charset=utf-8";
+    let first = files
+        .put_bytes(bytes.clone(), "brief.txt", ArtifactKind::Text, text)
+        .await
+        .unwrap();
+    let second = files
+        .put_bytes(
+            bytes,
+            "x\r\ny.bin",
+            ArtifactKind::Data,
+            "application/octet-stream",
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.id, second.id);
+    // The caller's record keeps its own kind, under a name made safe.
+    assert_eq!(second.kind, ArtifactKind::Data);
+    assert_eq!(second.filename, "x__y.bin");
+    let indexed = files.get(&first.id).unwrap().unwrap();
+    assert_eq!(indexed, first);
+}

@@ -1,8 +1,11 @@
 //! REST handlers: each one extracts, asks the [`Cluster`], and shapes the answer.
 
 use actix_files::NamedFile;
-use actix_web::http::header::{ContentDisposition, DispositionParam, DispositionType};
+use actix_web::http::header::{
+    Charset, ContentDisposition, DispositionParam, DispositionType, ExtendedValue,
+};
 use actix_web::{web, HttpRequest, HttpResponse};
+use multiplex_actors::artifact::safe_filename;
 use multiplex_actors::cluster::Cluster;
 use multiplex_actors::store::RunRecord;
 use serde::Deserialize;
@@ -71,17 +74,46 @@ async fn submit(
         .json(run_view(&record)))
 }
 
+/// `GET /api/workflows`' parameters, each checked as it is read so that the error names it:
+/// a limit out of range used to be clamped, and a `before` that is no run id ignored.
 #[derive(Deserialize)]
 struct ListQuery {
+    #[serde(default, deserialize_with = "list_limit")]
     limit: Option<usize>,
+    #[serde(default, deserialize_with = "run_id")]
     before: Option<String>,
+}
+
+/// Runs one listing returns when `limit` is not given.
+const DEFAULT_LIST: usize = 50;
+
+fn list_limit<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<usize>, D::Error> {
+    let text = String::deserialize(value)?;
+    match text.parse::<usize>() {
+        Ok(limit) if (1..=MAX_LIST).contains(&limit) => Ok(Some(limit)),
+        _ => Err(serde::de::Error::custom(format!(
+            "`limit` must be an integer from 1 to {MAX_LIST}, got {text:?}"
+        ))),
+    }
+}
+
+/// Run ids are UUIDs, stored in their lowercase hyphenated form; any other spelling of one is
+/// brought to it, since `before` is compared with the stored ids byte by byte.
+fn run_id<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(value)?;
+    match uuid::Uuid::try_parse(&text) {
+        Ok(id) => Ok(Some(id.hyphenated().to_string())),
+        Err(_) => Err(serde::de::Error::custom(format!(
+            "`before` must be a run id (a UUID), got {text:?}"
+        ))),
+    }
 }
 
 async fn list(
     cluster: web::Data<Cluster>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = query.limit.unwrap_or(50).clamp(1, MAX_LIST);
+    let limit = query.limit.unwrap_or(DEFAULT_LIST);
     let runs = cluster.runs(limit, query.before.as_deref())?;
     let views: Vec<Value> = runs.iter().map(run_view).collect();
     Ok(HttpResponse::Ok().json(json!({ "runs": views })))
@@ -167,12 +199,64 @@ async fn artifact(
         ))
     })?;
     let mime: mime::Mime = meta.mime.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
-    let disposition = ContentDisposition {
-        disposition: DispositionType::Inline,
-        parameters: vec![DispositionParam::Filename(meta.filename.clone())],
-    };
     Ok(file
         .set_content_type(mime)
-        .set_content_disposition(disposition)
+        .set_content_disposition(disposition(&meta.filename))
         .into_response(&request))
+}
+
+/// `inline` with the artifact's file name, built so that the header can always be sent: the
+/// name is made safe again (an index written before names were cleaned may hold a step id
+/// with a line break), an ASCII name goes in `filename`, and a non-ASCII one in RFC 6266's
+/// `filename*` with an ASCII stand-in in `filename` for clients that know only that.
+fn disposition(filename: &str) -> ContentDisposition {
+    let name = safe_filename(filename);
+    let mut parameters = Vec::with_capacity(2);
+    if name.is_ascii() {
+        parameters.push(DispositionParam::Filename(name));
+    } else {
+        let ascii: String = name
+            .chars()
+            .map(|c| if c.is_ascii() { c } else { '_' })
+            .collect();
+        parameters.push(DispositionParam::Filename(ascii));
+        parameters.push(DispositionParam::FilenameExt(ExtendedValue {
+            charset: Charset::Ext("UTF-8".into()),
+            language_tag: None,
+            value: name.into_bytes(),
+        }));
+    }
+    ContentDisposition {
+        disposition: DispositionType::Inline,
+        parameters,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::header::TryIntoHeaderValue;
+
+    use super::disposition;
+
+    #[test]
+    fn every_file_name_makes_a_valid_content_disposition() {
+        let header = |name: &str| {
+            let value = disposition(name).try_into_value().expect("a valid header");
+            value.to_str().expect("visible ASCII").to_owned()
+        };
+        assert_eq!(header("brief.txt"), r#"inline; filename="brief.txt""#);
+        assert_eq!(header("x\r\ny.txt"), r#"inline; filename="x__y.txt""#);
+        assert_eq!(
+            header("../../../../tmp/pwned.txt"),
+            r#"inline; filename=".._.._.._.._tmp_pwned.txt""#
+        );
+        assert_eq!(
+            header("über.txt"),
+            "inline; filename=\"_ber.txt\"; filename*=UTF-8''%C3%BCber.txt"
+        );
+        assert_eq!(
+            header("say \"hi\".txt"),
+            r#"inline; filename="say \"hi\".txt""#
+        );
+    }
 }

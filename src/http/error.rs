@@ -3,9 +3,10 @@
 //! Bodies are `{"error": code, "message": sentence}`, plus `issues` for an invalid workflow,
 //! so clients can branch on the code and show the sentence.
 
+use actix_web::error::{JsonPayloadError, QueryPayloadError};
 use actix_web::http::header::{ALLOW, WWW_AUTHENTICATE};
 use actix_web::http::StatusCode;
-use actix_web::{error::JsonPayloadError, web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use multiplex_actors::cluster::ClusterError;
 use multiplex_actors::lease::LeaseError;
 use multiplex_actors::workflow::ValidationIssue;
@@ -151,6 +152,21 @@ pub fn json_config(limit: usize) -> web::JsonConfig {
             };
             actix_web::error::InternalError::from_response(err, api_error.error_response()).into()
         })
+}
+
+/// Query-string extraction that answers in our error shape. The extractors' own fields
+/// (see `ListQuery` in `api`) name the parameter and its rule in their errors; actix's
+/// default answered `text/plain` "Query deserialize error: ...".
+pub fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|err, _req| {
+        let api_error = match &err {
+            QueryPayloadError::Deserialize(inner) => {
+                ApiError::BadRequest(format!("invalid query string: {inner}"))
+            }
+            other => ApiError::BadRequest(format!("invalid query string: {other}")),
+        };
+        actix_web::error::InternalError::from_response(err, api_error.error_response()).into()
+    })
 }
 
 /// The app's default service: a path no route serves, answered in our shape rather than

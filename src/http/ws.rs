@@ -28,8 +28,22 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events queued for one client before it starts missing some.
 const MAILBOX_CAPACITY: usize = 1024;
-/// Largest frame a client may send (a workflow with an inline graph fits easily).
-const MAX_FRAME: usize = 1024 * 1024;
+/// What a frame may hold beyond the largest REST body: the `submit` message around the
+/// document (its `type` and `request_id`), with plenty to spare.
+pub const FRAME_ROOM: usize = 64 * 1024;
+
+/// Largest frame a client may send; a larger one closes the connection. At least the REST
+/// body limit plus [`FRAME_ROOM`], so a document `POST /api/workflows` accepts is never
+/// refused over the socket (with a 1 MiB limit for both, the wrapper tipped such documents
+/// over).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxFrame(pub usize);
+
+impl MaxFrame {
+    pub fn for_body_limit(max_body_bytes: usize) -> MaxFrame {
+        MaxFrame(max_body_bytes.saturating_add(FRAME_ROOM))
+    }
+}
 
 /// Upgrades `GET /ws` to a session. A viewer's session may subscribe; its `submit` and
 /// `cancel` are answered with a `forbidden` error frame.
@@ -38,6 +52,7 @@ pub async fn connect(
     stream: web::Payload,
     cluster: web::Data<Cluster>,
     caller: web::ReqData<Caller>,
+    max_frame: web::Data<MaxFrame>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let session = UiSession {
         cluster: cluster.get_ref().clone(),
@@ -46,7 +61,7 @@ pub async fn connect(
         last_heard: Instant::now(),
     };
     ws::WsResponseBuilder::new(session, &request, stream)
-        .frame_size(MAX_FRAME)
+        .frame_size(max_frame.0)
         .start()
 }
 

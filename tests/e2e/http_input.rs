@@ -267,3 +267,131 @@ async fn pages_from_elsewhere_and_rebound_host_names_are_refused() {
     assert_eq!(status, 200);
     test.daemon.stop().await;
 }
+
+/// Query strings used to be refused in actix's `text/plain` ("Query deserialize error: ..."),
+/// a `limit` out of 1 to 500 was clamped without a word, and a `before` that is no run id
+/// was ignored. Each is now a `bad_request` naming the parameter.
+#[actix_rt::test]
+async fn bad_listing_parameters_are_refused_naming_the_parameter() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+    let intent = json!({"name": "one", "nodes": [
+        {"id": "a", "type": "intent", "data": {"prompt": "x"}}]});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(test.submit(&intent).await);
+    }
+
+    let cases = [
+        ("limit=-1", "`limit` must be an integer from 1 to 500"),
+        ("limit=abc", "`limit` must be an integer from 1 to 500"),
+        ("limit=0", "got \"0\""),
+        ("limit=501", "got \"501\""),
+        ("limit=", "`limit`"),
+        (
+            "before=nonsense",
+            "`before` must be a run id (a UUID), got \"nonsense\"",
+        ),
+        ("limit=5&limit=6", "limit"),
+    ];
+    for (query, expected) in cases {
+        let response = test.get_response(&format!("/api/workflows?{query}")).await;
+        assert_eq!(response.status().as_u16(), 400, "{query}");
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{query}: {content_type}"
+        );
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(body["error"], "bad_request", "{query}: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{query}: {body}");
+    }
+
+    // The ends of the range, and paging before a run id in any spelling of it.
+    for (query, count) in [("limit=1", 1), ("limit=500", 2)] {
+        let (status, list) = test.get(&format!("/api/workflows?{query}")).await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(
+            list["runs"].as_array().map(Vec::len),
+            Some(count),
+            "{query}"
+        );
+    }
+    let newest = ids[1].to_uppercase();
+    let (status, list) = test.get(&format!("/api/workflows?before={newest}")).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["runs"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list["runs"][0]["id"], ids[0].as_str(), "{list}");
+    test.daemon.stop().await;
+}
+
+/// The socket's frame limit was 1 MiB, the REST body limit too: a document just under the
+/// body limit was accepted by `POST /api/workflows` and dropped the connection when sent in
+/// a `submit` message, whose wrapper tipped it over.
+#[actix_rt::test]
+async fn a_document_rest_accepts_is_accepted_over_the_websocket_too() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+    let limit = 1024 * 1024;
+    let document = |prompt_len: usize| {
+        json!({"name": "big", "nodes": [
+            {"id": "a", "type": "intent", "data": {"prompt": "p".repeat(prompt_len)}}]})
+    };
+    let empty = document(0).to_string().len();
+    let workflow = document(limit - empty - 4);
+    let size = workflow.to_string().len();
+    let (status, body) = test.post("/api/workflows", &workflow).await;
+    assert_eq!(status, 201, "{size} bytes: {}", body["message"]);
+
+    let mut socket = test.activity(None).await;
+    let submit = json!({"type": "submit", "request_id": 3, "workflow": workflow});
+    assert!(
+        submit.to_string().len() > limit,
+        "the message is over the body limit"
+    );
+    socket.send(&submit).await;
+    let seen = socket.until(|message| message["request_id"] == 3).await;
+    let reply = seen.last().expect("until returns the reply");
+    assert_eq!(reply["type"], "submitted", "{}", reply["message"]);
+    test.daemon.stop().await;
+}
+
+/// docs/workflows.md promised `too_deep` for anything past 64 levels, but from 128 levels the
+/// JSON parser's own limit answers first: the boundaries are as documented.
+#[actix_rt::test]
+async fn from_128_levels_the_parser_refuses_the_body_before_validation() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+    // Root, nodes and node make three levels: 124 arrays reach 127, 125 reach 128.
+    for (levels, code) in [(124, None), (125, Some("bad_request"))] {
+        let (status, body) = test
+            .post("/api/workflows", &intent_at(nested(levels)))
+            .await;
+        assert_eq!(status, 400, "{levels} levels: {body}");
+        match code {
+            None => assert_eq!(body["issues"][0]["code"], "too_deep", "{body}"),
+            Some(code) => {
+                assert_eq!(body["error"], code, "{body}");
+                let message = body["message"].as_str().unwrap_or_default();
+                assert!(message.contains("recursion limit exceeded"), "{body}");
+            }
+        }
+    }
+
+    // The socket's message is a level of its own.
+    let mut socket = test.activity(None).await;
+    let submit = json!({"type": "submit", "request_id": 1, "workflow": intent_at(nested(123))});
+    socket.send(&submit).await;
+    let seen = socket.until(|message| message["request_id"] == 1).await;
+    let reply = seen.last().expect("until returns the reply");
+    assert_eq!(reply["issues"][0]["code"], "too_deep", "{reply}");
+    let submit = json!({"type": "submit", "request_id": 2, "workflow": intent_at(nested(124))});
+    socket.send(&submit).await;
+    let seen = socket.until(|message| message["type"] == "error").await;
+    let reply = seen.last().expect("until returns the reply");
+    assert_eq!(reply["error"], "bad_request", "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(message.contains("recursion limit exceeded"), "{reply}");
+    test.daemon.stop().await;
+}

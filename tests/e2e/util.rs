@@ -181,6 +181,14 @@ impl TestDaemon {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// A GET answered as it came, for tests of headers and bodies that are not JSON.
+    pub async fn get_response(&self, path: &str) -> reqwest::Response {
+        self.authorized(self.http.get(self.url(path)))
+            .send()
+            .await
+            .expect("GET is answered")
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = self
             .authorized(self.http.post(self.url(path)))

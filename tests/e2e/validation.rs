@@ -166,3 +166,32 @@ async fn cycles_wrong_kinds_missing_inputs_and_impossible_steps_are_refused() {
     );
     test.daemon.stop().await;
 }
+
+/// A run's record is rewritten whole on every step's transition, so a fan-in of thousands
+/// of steps wrote gigabytes. Documents over `[daemon] max_steps` nodes are refused, with
+/// one issue naming the count and the limit, whatever else is wrong with them.
+#[actix_rt::test]
+async fn workflows_with_more_steps_than_max_steps_are_refused_naming_both_counts() {
+    let test = TestDaemon::start(&cluster_config(1, "[daemon]\nmax_steps = 3\n")).await;
+    let intents = |count: usize| -> Vec<Value> {
+        let intent = |i| json!({"id": format!("s{i}"), "type": "intent", "data": {"prompt": "x"}});
+        (0..count).map(intent).collect()
+    };
+
+    let mut nodes = intents(3);
+    nodes.push(json!({"id": "typo", "type": "intnet"}));
+    let issues = issues_of(&test, json!({"name": "big", "nodes": nodes})).await;
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!(issues[0]["code"], "too_many_steps", "{issues:?}");
+    assert_eq!(issues[0]["field"], "nodes", "{issues:?}");
+    let message = issues[0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("has 4 steps"), "{message}");
+    assert!(message.contains("at most 3"), "{message}");
+    assert!(message.contains("max_steps"), "{message}");
+
+    let id = test
+        .submit(&json!({"name": "fits", "nodes": intents(3)}))
+        .await;
+    assert_eq!(test.wait_end(&id).await["state"], "succeeded");
+    test.daemon.stop().await;
+}

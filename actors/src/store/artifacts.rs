@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::StoreError;
-use crate::artifact::{ArtifactKind, ArtifactMeta};
+use crate::artifact::{safe_filename, ArtifactKind, ArtifactMeta};
 
 /// The artifact directory and its sled index.
 #[derive(Clone)]
@@ -59,6 +59,8 @@ impl ArtifactFiles {
 
     /// Stores a stream of bytes as an artifact and indexes it. The index write is flushed
     /// by the next durable run write, which is what makes the artifact reachable anyway.
+    /// The file name is made safe ([`safe_filename`]); bytes already stored keep the
+    /// metadata they were first indexed with.
     pub async fn put_stream<S, E>(
         &self,
         mut stream: S,
@@ -118,18 +120,22 @@ impl ArtifactFiles {
             kind,
             mime: mime.to_string(),
             size,
-            filename: filename.to_string(),
+            filename: safe_filename(filename),
         };
         let json = serde_json::to_vec(&meta).map_err(|source| StoreError::Corrupt {
             key: id.clone(),
             source,
         })?;
+        // Only the first store of these bytes writes the index: another run producing the
+        // same content (two intents with one prompt) must not rename or re-type the file the
+        // first run's links serve. The caller still gets its own name and kind for its record.
         self.index
-            .insert(id.as_bytes(), json)
+            .compare_and_swap(id.as_bytes(), None::<&[u8]>, Some(json))
             .map_err(|source| StoreError::Db {
                 what: format!("artifact {id}"),
                 source,
-            })?;
+            })?
+            .ok();
         Ok(meta)
     }
 

@@ -17,6 +17,7 @@ pub struct Catalog {
     default_image_template: String,
     default_video_template: String,
     templates: TemplateLibrary,
+    max_steps: usize,
 }
 
 impl Catalog {
@@ -26,6 +27,7 @@ impl Catalog {
             default_image_template: cluster.default_image_template.clone(),
             default_video_template: cluster.default_video_template.clone(),
             templates,
+            max_steps: cluster.max_steps,
         }
     }
 
@@ -45,6 +47,11 @@ impl Catalog {
     /// The template `video` steps use when they name none.
     pub fn default_video_template(&self) -> &str {
         &self.default_video_template
+    }
+
+    /// Most steps a workflow may have (`[daemon] max_steps`).
+    pub fn max_steps(&self) -> usize {
+        self.max_steps
     }
 
     /// Whether some configured node could run a step with this requirement.

@@ -250,7 +250,8 @@ fn read_edges(edges: &[Value], issues: &mut Issues) -> Vec<RawEdge> {
 }
 
 /// Reads an entry's `id`, which must be a non-empty string (React Flow ids are strings; a
-/// number is refused rather than converted so that `1` and `"1"` can never be confused).
+/// number is refused rather than converted so that `1` and `"1"` can never be confused)
+/// without control characters (a step id names its artifacts' files).
 fn read_id(
     entry: &Map<String, Value>,
     list: &str,
@@ -260,6 +261,18 @@ fn read_id(
     let field = format!("{list}[{index}].id");
     let what = if list == "nodes" { "node" } else { "edge" };
     match entry.get("id") {
+        Some(Value::String(id)) if id.chars().any(char::is_control) => {
+            // Kept, so that edges to the node do not also report it missing.
+            let message = format!(
+                "{what} id {id:?} contains a control character; ids may hold any other text"
+            );
+            if list == "nodes" {
+                issues.node(codes::INVALID_ID, id, Some("id"), message);
+            } else {
+                issues.edge(codes::INVALID_ID, id, Some("id"), message);
+            }
+            Some(id.clone())
+        }
         Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
         None | Some(Value::Null) => {
             issues.document(Some(&field), format!("{what} #{index} has no id"));

@@ -33,6 +33,9 @@ impl fmt::Display for ValidationIssue {
 pub mod codes {
     /// The document is not the expected shape (not an object, nodes not an array, ...).
     pub const INVALID_DOCUMENT: &str = "invalid_document";
+    /// A node or edge id holds a control character (a line break, a tab, NUL): ids become
+    /// file names, log fields and header values, where those characters do harm.
+    pub const INVALID_ID: &str = "invalid_id";
     pub const DUPLICATE_NODE_ID: &str = "duplicate_node_id";
     pub const DUPLICATE_EDGE_ID: &str = "duplicate_edge_id";
     /// An edge (or a binding) names a node that does not exist.
@@ -62,6 +65,8 @@ pub mod codes {
     pub const NO_CAPABLE_NODE: &str = "no_capable_node";
     /// Part of the document is nested deeper than [`crate::workflow::MAX_DEPTH`] levels.
     pub const TOO_DEEP: &str = "too_deep";
+    /// The document has more nodes than the daemon's `max_steps`.
+    pub const TOO_MANY_STEPS: &str = "too_many_steps";
 }
 
 /// Collects issues while a document is checked.

@@ -182,6 +182,20 @@ pub(crate) fn plan(document: &Value, catalog: &Catalog) -> Result<Plan, Vec<Vali
     if !depth::check(document, &mut issues) {
         return Err(issues.into_vec());
     }
+    // Size next, and alone too: every step of a huge document would be checked for nothing,
+    // and its issues would fill the answer.
+    if let Some(nodes) = document.get("nodes").and_then(Value::as_array) {
+        let limit = catalog.max_steps();
+        if nodes.len() > limit {
+            let message = format!(
+                "the workflow has {} steps; this daemon takes at most {limit} \
+                 ([daemon] max_steps)",
+                nodes.len()
+            );
+            issues.document_field(codes::TOO_MANY_STEPS, "nodes", message);
+            return Err(issues.into_vec());
+        }
+    }
     let Some(doc) = document::read(document, &mut issues) else {
         return Err(issues.into_vec());
     };

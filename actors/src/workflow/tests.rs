@@ -1304,3 +1304,18 @@ fn issues_serialize_for_the_api() {
     let kind = serde_json::to_value(StepKind::ComfyUi).unwrap();
     assert_eq!(kind, "comfyui");
 }
+
+#[test]
+fn the_default_step_limit_takes_500_steps_and_refuses_501() {
+    let limit = crate::config::DEFAULT_MAX_STEPS;
+    assert_eq!(catalog().max_steps(), limit);
+    let nodes =
+        |count: usize| -> Vec<Value> { (0..count).map(|i| intent(&format!("s{i}"))).collect() };
+    plan(&doc(json!(nodes(limit)), json!([]))).expect("500 steps plan");
+    let issue = only(
+        doc(json!(nodes(limit + 1)), json!([])),
+        codes::TOO_MANY_STEPS,
+    );
+    assert_eq!(issue.field.as_deref(), Some("nodes"));
+    assert!(issue.message.contains("has 501 steps"), "{}", issue.message);
+}
