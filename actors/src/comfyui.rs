@@ -3,7 +3,7 @@
 //! ComfyUI is driven as the recordings in `shared/fixtures/comfyui` show it behaving (0.3.64):
 //!
 //! - [`client`]: REST calls. We choose each prompt id and send it, so a restarted daemon can
-//!   find its work again with `GET /history/{id}` and `GET /queue` (DESIGN.md section 5).
+//!   find its work again with `GET /history/{id}` and `GET /queue` (docs/durability.md).
 //!   Older servers mint their own id instead: the node records the id they answer with and
 //!   uses it for every later request, and [`locate`] finds a prompt whose answer was never
 //!   recorded by our id in the extra data of queue and recent history entries.

@@ -79,8 +79,8 @@ pub enum LangflowError {
 }
 
 impl LangflowError {
-    /// Whether the same run may succeed later (DESIGN.md section 6): the server was out of
-    /// reach, or a proxy timed out so the outcome is unknown. Errors LangFlow itself reported
+    /// Whether the same run may succeed later: the server was out of reach, or a proxy
+    /// timed out so the outcome is unknown. Errors LangFlow itself reported
     /// (bad flow, key, body, a component raising) are deterministic and are not retried.
     pub fn is_retryable(&self) -> bool {
         match self {

@@ -5,7 +5,7 @@
 //! outputs reach the store, uploads are injected under the name ComfyUI returns, errors name
 //! the node at fault, previews bigger than actix's default frame limit get through, and a job
 //! whose event channel is gone still finishes by polling. The `resume_*` tests guard the
-//! exactly-once rule of DESIGN.md section 5: a prompt picked up again after a restart is
+//! exactly-once rule of docs/durability.md: a prompt picked up again after a restart is
 //! collected or followed, never posted a second time, and one the node forgot is `Lost`.
 //! The `minting_*` tests play an older ComfyUI that ignores our prompt id and mints its own:
 //! the job follows the server's id, `locate` finds the prompt by our id in the extra data of

@@ -1,5 +1,5 @@
 //! A stand-in daemon for the client's tests: real actix-web on a real socket (port 0),
-//! speaking the REST and WebSocket contract from DESIGN.md, driven by a script.
+//! speaking the REST and WebSocket contract of docs/api.md, driven by a script.
 //!
 //! REST run views come from a queue: each `GET /api/workflows/{id}` takes the next view and
 //! the last one stays, so a test can say "the first fetches see this, later ones that". Each

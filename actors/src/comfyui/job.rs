@@ -248,7 +248,7 @@ impl JobError {
 ///
 /// `events` must have been subscribed to the node's socket before this is called (and the
 /// socket must be connected with `client_id`), so no event of the prompt can be missed.
-/// `prompt_id` should already be recorded durably with the node (DESIGN.md section 5).
+/// `prompt_id` should already be recorded durably with the node (docs/durability.md).
 /// A caller that must record the server's id before following (the node does) calls the
 /// two halves itself.
 pub async fn run_job(

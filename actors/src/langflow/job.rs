@@ -73,9 +73,9 @@ pub async fn run_job(
 }
 
 /// How long [`recover_job`] waits for an answer to a run that has started (a user message is
-/// stored) but not answered. A minute covers a typical LLM flow and matches the proxy
-/// timeouts in front of LangFlow (DESIGN.md section 6); a run still silent after that has
-/// most likely died with the request that started it.
+/// stored) but not answered. A minute covers a typical LLM flow and matches the timeout of
+/// the proxies in front of LangFlow (which then answer 502, 503 or 504); a run still silent
+/// after that has most likely died with the request that started it.
 pub const RECOVERY_WAIT: Duration = Duration::from_secs(60);
 
 /// Pauses between two reads of the messages while waiting, doubling from the first.
