@@ -9,7 +9,7 @@
 //!   [`ArtifactMeta`](crate::artifact::ArtifactMeta).
 //! - `artifacts/xx/<sha256>`: artifact contents, named by their hash (`xx` is its first two
 //!   hex digits), written through `artifacts/tmp/` and renamed into place once complete.
-//! - `store-manifest.json`: how many runs were durable at the last flush ([`manifest`]); a
+//! - `store-manifest.json`: how many runs were durable at a recent flush ([`manifest`]); a
 //!   store that opens with fewer has been damaged, and opening it fails.
 //!
 //! Every write that records a transition is flushed before the caller goes on, so what the

@@ -115,6 +115,36 @@ impl ArtifactFiles {
             .await
             .map_err(|e| file_error(&final_path, e))?;
 
+        self.record(id, size, filename, kind, mime)
+    }
+
+    /// Stores bytes already in memory (small texts such as a narration).
+    pub async fn put_bytes(
+        &self,
+        bytes: Bytes,
+        filename: &str,
+        kind: ArtifactKind,
+        mime: &str,
+    ) -> Result<ArtifactMeta, StoreError> {
+        // Bytes already stored (the same prompt text in many runs) cost no file at all.
+        let id = hex::encode(Sha256::digest(&bytes));
+        let stored = tokio::fs::metadata(self.path(&id)).await;
+        if stored.is_ok_and(|file| file.len() == bytes.len() as u64) {
+            return self.record(id, bytes.len() as u64, filename, kind, mime);
+        }
+        let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes)]);
+        self.put_stream(stream, filename, kind, mime).await
+    }
+
+    /// Indexes stored bytes under their id and answers the caller's metadata for them.
+    fn record(
+        &self,
+        id: String,
+        size: u64,
+        filename: &str,
+        kind: ArtifactKind,
+        mime: &str,
+    ) -> Result<ArtifactMeta, StoreError> {
         let meta = ArtifactMeta {
             id: id.clone(),
             kind,
@@ -137,17 +167,5 @@ impl ArtifactFiles {
             })?
             .ok();
         Ok(meta)
-    }
-
-    /// Stores bytes already in memory (small texts such as a narration).
-    pub async fn put_bytes(
-        &self,
-        bytes: Bytes,
-        filename: &str,
-        kind: ArtifactKind,
-        mime: &str,
-    ) -> Result<ArtifactMeta, StoreError> {
-        let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes)]);
-        self.put_stream(stream, filename, kind, mime).await
     }
 }
