@@ -166,7 +166,7 @@ impl Cluster {
         self.services.store.save_run(&record).await?;
         info!(run_id = %record.id, name = %record.name, steps = record.steps.len(), "run accepted");
         let lease = lease.map(str::to_string);
-        WorkflowRun::start_leased(record.clone(), plan, self.services.clone(), lease);
+        WorkflowRun::start(record.clone(), plan, self.services.clone(), lease);
         Ok(record)
     }
 

@@ -142,13 +142,9 @@ pub struct WorkflowRun {
 }
 
 impl WorkflowRun {
-    /// Starts a run whose record is already in the store, under supervision.
-    pub fn start(record: RunRecord, plan: Plan, services: RunServices) -> Addr<WorkflowRun> {
-        Self::spawn(record, plan, services, false, None)
-    }
-
-    /// Like [`WorkflowRun::start`], with every step restricted to the lease's nodes.
-    pub fn start_leased(
+    /// Starts a run whose record is already in the store, under supervision; with a lease,
+    /// every step is restricted to the lease's nodes.
+    pub fn start(
         record: RunRecord,
         plan: Plan,
         services: RunServices,
@@ -754,9 +750,6 @@ impl WorkflowRun {
                 check_first_on: (!node.is_empty()).then(|| node.to_string()),
                 ..AttemptOptions::default()
             };
-            self.charged_attempts
-                .entry(step_id.to_string())
-                .or_default();
             self.dispatch(step_id, options, ctx);
         } else if failure.out_of_memory
             && !node.is_empty()
@@ -772,7 +765,7 @@ impl WorkflowRun {
                 check_first_on: None,
             };
             self.dispatch(step_id, options, ctx);
-        } else if failure.retryable && attempts < policy.attempts {
+        } else if failure.retryable && policy.allows_another(attempts) {
             let delay = policy.backoff(attempts);
             self.notice(
                 step_id,
