@@ -37,8 +37,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 resource("/tunnels/{node}/reconnect", &["POST"])
                     .route(web::post().to(reconnect_tunnel)),
             )
-            .service(resource("/health", &["GET"]).route(web::get().to(health)))
-            .service(resource("/artifacts/{id}", &["GET"]).route(web::get().to(artifact))),
+            // HEAD for liveness probes, download managers and link checkers: the same
+            // headers as GET, no body.
+            .service(
+                resource("/health", &["GET", "HEAD"])
+                    .route(web::get().to(health))
+                    .route(web::head().to(health)),
+            )
+            .service(
+                resource("/artifacts/{id}", &["GET", "HEAD"])
+                    .route(web::get().to(artifact))
+                    .route(web::head().to(artifact)),
+            ),
     );
 }
 

@@ -39,7 +39,7 @@ struct QueryToken(String);
 /// else an operator. `/mcp` needs a viewer for every method; its tools check the rest.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     let mcp = path == crate::mcp::PATH || path.starts_with("/mcp/");
-    if path == "/api/health" && *method == Method::GET {
+    if path == "/api/health" && (*method == Method::GET || *method == Method::HEAD) {
         None
     } else if mcp || *method == Method::GET || *method == Method::HEAD {
         Some(Role::Viewer)
@@ -50,7 +50,8 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
 
 /// Where a token may come in the query string: a browser's WebSocket and `<img src>`.
 fn query_token_allowed(method: &Method, path: &str) -> bool {
-    *method == Method::GET && (path == "/ws" || path.starts_with("/api/artifacts/"))
+    let read = *method == Method::GET || *method == Method::HEAD;
+    (*method == Method::GET && path == "/ws") || (read && path.starts_with("/api/artifacts/"))
 }
 
 /// Splits `access_token` out of a raw query string: the first value (decoded), and the

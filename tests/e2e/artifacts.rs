@@ -101,3 +101,28 @@ async fn file_names_from_step_ids_cannot_name_a_path_and_non_ascii_is_encoded() 
     );
     test.daemon.stop().await;
 }
+
+/// HEAD, as download managers and link checkers send it, answers GET's headers and no body.
+#[actix_rt::test]
+async fn head_answers_the_artifacts_headers_without_its_body() {
+    let test = TestDaemon::start(&cluster_config(1, "")).await;
+    let (url, artifact) = intent_artifact(&test, "brief", "a lighthouse at dusk").await;
+    let head = test.http.head(test.url(&url)).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let length = head.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(length, artifact["size"].to_string(), "{artifact}");
+    assert!(head.headers().contains_key("content-disposition"));
+    assert_eq!(head.bytes().await.unwrap().len(), 0);
+
+    let health = test
+        .http
+        .head(test.url("/api/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    test.daemon.stop().await;
+}
