@@ -353,9 +353,10 @@ impl WorkflowRun {
         });
     }
 
-    /// Picks up a run found unfinished in the store: steps in flight on a node are resumed
-    /// there (the node asks its service before sending anything), steps queued but never
-    /// placed are queued again, and steps being prepared start over.
+    /// Picks up a run found unfinished in the store: steps in flight on a node, or queued
+    /// again to check a node they left, are resumed there (the node asks its service before
+    /// sending anything), steps queued but never placed are queued again, and steps being
+    /// prepared start over.
     fn resume_in_flight(&mut self, ctx: &mut Context<Self>) {
         let mut resumed = Vec::new();
         for step in self
@@ -368,9 +369,15 @@ impl WorkflowRun {
                 step.state,
                 StepState::Assigned | StepState::Submitted | StepState::Running
             );
-            match (placed, &step.node, &step.remote) {
-                (true, Some(node), Some(_)) => resumed.push((step.id.clone(), node.clone())),
-                (_, _, Some(_)) => resumed.push((step.id.clone(), String::new())),
+            // Placed, or queued again with work that may still be on the node it left.
+            let node = if placed {
+                step.node.clone()
+            } else {
+                step.check_first_on.clone()
+            };
+            match (node, &step.remote) {
+                (Some(node), Some(_)) => resumed.push((step.id.clone(), node)),
+                (None, Some(_)) => resumed.push((step.id.clone(), String::new())),
                 _ => step.state = StepState::Pending,
             }
         }
@@ -521,6 +528,7 @@ impl WorkflowRun {
             attempt: step.attempts,
         };
         step.node = None;
+        step.check_first_on = check_first_on.clone();
         step.error = None;
         let step = step.clone();
         self.publish_step(&step);
@@ -1002,6 +1010,7 @@ impl Handler<ConfirmPlacement> for WorkflowRun {
         if let Some(step) = self.record.step_mut(&msg.key.step_id) {
             step.state = StepState::Assigned;
             step.node = Some(msg.node.clone());
+            step.check_first_on = None;
             let step = step.clone();
             self.publish_step(&step);
         }

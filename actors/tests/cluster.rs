@@ -150,6 +150,78 @@ async fn cancelling_a_stored_unfinished_run_without_an_actor_cancels_it() {
     );
 }
 
+/// A small blur of an empty image: a real prompt the simulator runs in a few steps.
+fn blur_job() -> ComfyJob {
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 3,
+              "sigma": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "mx"}}
+    });
+    ComfyJob {
+        prompt,
+        uploads: Vec::new(),
+        output_kind: multiplex_actors::artifact::ArtifactKind::Image,
+    }
+}
+
+/// A cluster whose one image node, img-a, is `sim`.
+fn image_cluster(sim: &ComfySim, data_dir: &std::path::Path) -> Cluster {
+    let node: NodeConfig = serde_json::from_value(json!({
+        "name": "img-a",
+        "gpus": [{"model": "RTX A6000", "vram_mb": 49140}],
+        "comfyui": {"url": sim.url().to_string(), "capabilities": ["image"]}
+    }))
+    .expect("a node config");
+    let config = ClusterConfig {
+        default_image_template: "flux-txt2img".into(),
+        default_video_template: "wan21-i2v".into(),
+        nodes: vec![node],
+        node_grace_ms: 30_000,
+        max_steps: multiplex_actors::config::DEFAULT_MAX_STEPS,
+    };
+    let templates = TemplateLibrary::builtin().expect("the built-in templates load");
+    let store = Store::open(data_dir).expect("the store opens");
+    Cluster::start(config, templates, store).expect("the cluster starts")
+}
+
+/// A one-step image run as the store held it when the daemon died.
+fn one_still(id: &str, still: StepRecord) -> RunRecord {
+    RunRecord {
+        id: id.to_string(),
+        name: "one still".into(),
+        state: RunState::Running,
+        created_at: time::OffsetDateTime::now_utc(),
+        finished_at: None,
+        error: None,
+        document: json!({
+            "name": "one still",
+            "nodes": [{"id": "still", "type": "image", "data": {"prompt": "dawn", "steps": 4}}],
+            "edges": []
+        }),
+        steps: vec![still],
+    }
+}
+
+/// Stores `record`, resumes it, and answers it once it has ended.
+async fn resume_to_the_end(cluster: &Cluster, record: &RunRecord) -> RunRecord {
+    cluster.store().save_run(record).await.expect("stored");
+    assert_eq!(cluster.resume_unfinished().await.expect("resumed"), 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let run = cluster.run(&record.id).await.expect("the run is listed");
+        if run.state.is_terminal() {
+            return run;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run never ended: {run:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[actix_rt::test]
 async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted_again() {
     // An older ComfyUI, minting its own prompt ids.
@@ -167,42 +239,14 @@ async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted
     // The daemon that died had posted the prompt under our id (in the extra data too) and
     // never recorded the server's answer.
     let ours = uuid::Uuid::new_v4().to_string();
-    let prompt = json!({
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
-        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 3,
-              "sigma": 1.0}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "mx"}}
-    });
-    let job = ComfyJob {
-        prompt,
-        uploads: Vec::new(),
-        output_kind: multiplex_actors::artifact::ArtifactKind::Image,
-    };
     let client = ComfyClient::new(sim.url());
-    let server_id = submit_job(&client, &job, &ours, "the-daemon-that-died", |_| {})
+    let server_id = submit_job(&client, &blur_job(), &ours, "the-daemon-that-died", |_| {})
         .await
         .expect("the prompt is accepted");
     assert_ne!(server_id, ours);
 
     let dir = tempfile::tempdir().expect("a temporary directory can be created");
-    let node: NodeConfig = serde_json::from_value(json!({
-        "name": "img-a",
-        "gpus": [{"model": "RTX A6000", "vram_mb": 49140}],
-        "comfyui": {"url": sim.url().to_string(), "capabilities": ["image"]}
-    }))
-    .expect("a node config");
-    let config = ClusterConfig {
-        default_image_template: "flux-txt2img".into(),
-        default_video_template: "wan21-i2v".into(),
-        nodes: vec![node],
-        node_grace_ms: 30_000,
-        max_steps: multiplex_actors::config::DEFAULT_MAX_STEPS,
-    };
-    let templates = TemplateLibrary::builtin().expect("the built-in templates load");
-    let store = Store::open(dir.path()).expect("the store opens");
-    let cluster = Cluster::start(config, templates, store).expect("the cluster starts");
-
+    let cluster = image_cluster(&sim, dir.path());
     let id = "0190a000-0000-7000-8000-000000000003";
     let mut still = StepRecord::new("still", "image");
     still.state = StepState::Submitted;
@@ -212,35 +256,8 @@ async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted
         prompt_id: ours.clone(),
         server_prompt_id: None,
     });
-    let record = RunRecord {
-        id: id.to_string(),
-        name: "one still".into(),
-        state: RunState::Running,
-        created_at: time::OffsetDateTime::now_utc(),
-        finished_at: None,
-        error: None,
-        document: json!({
-            "name": "one still",
-            "nodes": [{"id": "still", "type": "image", "data": {"prompt": "dawn", "steps": 4}}],
-            "edges": []
-        }),
-        steps: vec![still],
-    };
-    cluster.store().save_run(&record).await.expect("stored");
-    assert_eq!(cluster.resume_unfinished().await.expect("resumed"), 1);
+    let run = resume_to_the_end(&cluster, &one_still(id, still)).await;
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let run = loop {
-        let run = cluster.run(id).await.expect("the run is listed");
-        if run.state.is_terminal() {
-            break run;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "run never ended: {run:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
     assert_eq!(run.state, RunState::Succeeded, "{run:?}");
     let still = step(&run, "still");
     assert_eq!(still.artifacts.len(), 1);
@@ -259,5 +276,62 @@ async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted
     );
     assert_eq!(sim.prompts_received(), 1, "the prompt was not posted again");
     assert_eq!(sim.prompts_by_id().get(&ours), Some(&1));
+    sim.stop().await;
+}
+
+/// A step queued again after its node went away, to be checked there first, when the
+/// daemon died before it was placed: its prompt had finished on that node meanwhile. The
+/// restarted daemon collects it there instead of running the step afresh.
+#[actix_rt::test]
+async fn a_step_queued_to_check_the_node_it_left_checks_there_after_a_restart() {
+    let quick = ComfySimConfig {
+        step_ms: 1,
+        model_load_ms: 1,
+        ..ComfySimConfig::default()
+    };
+    let addr = "127.0.0.1:0".parse().expect("a socket address");
+    let sim = ComfySim::start(quick, addr)
+        .await
+        .expect("the simulator starts");
+    let ours = uuid::Uuid::new_v4().to_string();
+    let client = ComfyClient::new(sim.url());
+    submit_job(&client, &blur_job(), &ours, "the-daemon-that-died", |_| {})
+        .await
+        .expect("the prompt is accepted");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while client
+        .history(&ours)
+        .await
+        .expect("history answers")
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prompt never finished"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let dir = tempfile::tempdir().expect("a temporary directory can be created");
+    let cluster = image_cluster(&sim, dir.path());
+    let id = "0190a000-0000-7000-8000-000000000004";
+    let mut still = StepRecord::new("still", "image");
+    still.state = StepState::Queued;
+    still.attempts = 2;
+    still.check_first_on = Some("img-a".into());
+    still.remote = Some(RemoteRef::Comfyui {
+        prompt_id: ours.clone(),
+        server_prompt_id: None,
+    });
+    let run = resume_to_the_end(&cluster, &one_still(id, still)).await;
+
+    assert_eq!(run.state, RunState::Succeeded, "{run:?}");
+    let still = step(&run, "still");
+    assert_eq!(still.artifacts.len(), 1, "{still:?}");
+    assert_eq!(
+        still.check_first_on, None,
+        "placed, so nothing is left to check"
+    );
+    assert_eq!(sim.prompts_received(), 1, "{:?}", sim.prompts_by_id());
     sim.stop().await;
 }

@@ -111,6 +111,11 @@ pub struct StepRecord {
     pub artifacts: Vec<ArtifactMeta>,
     #[serde(default)]
     pub remote: Option<RemoteRef>,
+    /// While the step is queued again after its node failed or went away: the node its
+    /// remote work may still be on, asked first wherever the step is placed next. Kept in
+    /// the record so that a restart in between checks there too instead of starting over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_first_on: Option<String>,
 }
 
 impl StepRecord {
@@ -128,6 +133,7 @@ impl StepRecord {
             error: None,
             artifacts: Vec::new(),
             remote: None,
+            check_first_on: None,
         }
     }
 }
