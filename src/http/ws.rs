@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix_http::ws::Item;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use multiplex_actors::activity::{Delivery, Filter, Subscribe, Unsubscribe};
@@ -59,6 +60,8 @@ pub async fn connect(
         caller: caller.into_inner(),
         subscription: None,
         last_heard: Instant::now(),
+        fragments: None,
+        max_message: max_frame.0,
     };
     ws::WsResponseBuilder::new(session, &request, stream)
         .frame_size(max_frame.0)
@@ -117,6 +120,16 @@ pub struct UiSession {
     /// The hub's id for our subscription, once subscribed.
     subscription: Option<u64>,
     last_heard: Instant,
+    /// A message arriving in fragments (a first frame and continuations), until its last.
+    fragments: Option<Fragments>,
+    /// Largest message, whole or reassembled, the client may send.
+    max_message: usize,
+}
+
+/// The frames of one fragmented message so far.
+struct Fragments {
+    text: bool,
+    bytes: bytes::BytesMut,
 }
 
 impl UiSession {
@@ -303,29 +316,86 @@ impl Handler<Delivery> for UiSession {
     }
 }
 
+impl UiSession {
+    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        match Command::parse(text) {
+            Ok(command) => self.run_command(command, ctx),
+            Err(message) => Self::send_json(
+                ctx,
+                &json!({ "type": "error", "error": "bad_request", "message": message }),
+            ),
+        }
+    }
+
+    fn refuse_binary(ctx: &mut ws::WebsocketContext<Self>) {
+        Self::send_json(
+            ctx,
+            &json!({ "type": "error", "error": "bad_request",
+                      "message": "binary frames are not understood; send JSON text" }),
+        );
+    }
+
+    /// Reassembles a message sent in fragments (clients and proxies may split any message)
+    /// and handles it once its last fragment is in. One that grows past the message limit
+    /// closes the socket with 1009, as an unfragmented one that large would.
+    fn on_fragment(&mut self, item: Item, ctx: &mut ws::WebsocketContext<Self>) {
+        let (first, part, last) = match item {
+            Item::FirstText(part) => (Some(true), part, false),
+            Item::FirstBinary(part) => (Some(false), part, false),
+            Item::Continue(part) => (None, part, false),
+            Item::Last(part) => (None, part, true),
+        };
+        if let Some(text) = first {
+            self.fragments = Some(Fragments {
+                text,
+                bytes: bytes::BytesMut::new(),
+            });
+        }
+        let Some(fragments) = self.fragments.as_mut() else {
+            info!("ui session sent a continuation without a first fragment");
+            ctx.close(Some(ws::CloseCode::Protocol.into()));
+            ctx.stop();
+            return;
+        };
+        if fragments.bytes.len() + part.len() > self.max_message {
+            info!(limit = self.max_message, "ui session message too large");
+            ctx.close(Some(ws::CloseCode::Size.into()));
+            ctx.stop();
+            return;
+        }
+        fragments.bytes.extend_from_slice(&part);
+        if !last {
+            return;
+        }
+        let Some(Fragments { text, bytes }) = self.fragments.take() else {
+            return;
+        };
+        match (text, std::str::from_utf8(&bytes)) {
+            (true, Ok(text)) => self.on_text(text, ctx),
+            (true, Err(_)) => Self::send_json(
+                ctx,
+                &json!({ "type": "error", "error": "bad_request",
+                          "message": "the text message is not UTF-8" }),
+            ),
+            (false, _) => Self::refuse_binary(ctx),
+        }
+    }
+}
+
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for UiSession {
     fn handle(&mut self, message: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
         match message {
-            Ok(ws::Message::Text(text)) => match Command::parse(&text) {
-                Ok(command) => self.run_command(command, ctx),
-                Err(message) => Self::send_json(
-                    ctx,
-                    &json!({ "type": "error", "error": "bad_request", "message": message }),
-                ),
-            },
+            Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Ping(bytes)) => ctx.pong(&bytes),
             Ok(ws::Message::Pong(_)) => {}
-            Ok(ws::Message::Binary(_)) => Self::send_json(
-                ctx,
-                &json!({ "type": "error", "error": "bad_request",
-                          "message": "binary frames are not understood; send JSON text" }),
-            ),
+            Ok(ws::Message::Binary(_)) => Self::refuse_binary(ctx),
             Ok(ws::Message::Close(reason)) => {
                 ctx.close(reason);
                 ctx.stop();
             }
-            Ok(ws::Message::Continuation(_)) | Ok(ws::Message::Nop) => {}
+            Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
+            Ok(ws::Message::Nop) => {}
             Err(err) => {
                 info!(error = %err, "ui session protocol error");
                 ctx.stop();

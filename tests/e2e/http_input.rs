@@ -395,3 +395,46 @@ async fn from_128_levels_the_parser_refuses_the_body_before_validation() {
     assert!(message.contains("recursion limit exceeded"), "{reply}");
     test.daemon.stop().await;
 }
+
+/// Clients and proxies may split any WebSocket message into fragments: each is reassembled
+/// and answered like a whole one, and one that grows past the limit closes with 1009.
+#[actix_rt::test]
+async fn fragmented_websocket_messages_are_reassembled() {
+    use actix_http::ws::Item;
+    use awc::ws::Message;
+
+    let extra = "[daemon]\nmax_body_bytes = 1024\n";
+    let test = TestDaemon::start(&cluster_config(1, extra)).await;
+    let mut socket = test.activity(None).await;
+    socket.until(|m| m["type"] == "subscribed").await;
+
+    let parts = [r#"{"type":"#, r#" "pi"#, r#"ng"}"#];
+    socket
+        .send_frame(Message::Continuation(Item::FirstText(parts[0].into())))
+        .await;
+    socket
+        .send_frame(Message::Continuation(Item::Continue(parts[1].into())))
+        .await;
+    socket
+        .send_frame(Message::Continuation(Item::Last(parts[2].into())))
+        .await;
+    socket.until(|m| m["type"] == "pong").await;
+
+    // The limit is max_body_bytes plus room for the message around a document.
+    let chunk = "x".repeat(32 * 1024);
+    socket
+        .send_frame(Message::Continuation(Item::FirstText(chunk.clone().into())))
+        .await;
+    for _ in 0..4 {
+        socket
+            .send_frame(Message::Continuation(Item::Continue(chunk.clone().into())))
+            .await;
+    }
+    loop {
+        match socket.next().await {
+            None => break,
+            Some(message) => assert_ne!(message["type"], "pong", "{message}"),
+        }
+    }
+    test.daemon.stop().await;
+}

@@ -303,6 +303,12 @@ impl ActivitySocket {
         }
     }
 
+    /// Sends one frame as it is (a fragment, a ping, ...).
+    #[allow(dead_code)] // used by tests/e2e, not by tests/tunnel, which shares this file
+    pub async fn send_frame(&mut self, message: awc::ws::Message) {
+        self.socket.send(message).await.expect("the frame is sent");
+    }
+
     /// Sends a command frame.
     pub async fn send(&mut self, value: &Value) {
         self.socket
