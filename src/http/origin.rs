@@ -53,50 +53,61 @@ pub struct BrowserPolicy {
 
 impl BrowserPolicy {
     pub fn new(allowed_origins: &[String], allowed_hosts: &[String], open: bool) -> Self {
+        let origin = |o: &String| o.strip_suffix('/').unwrap_or(o).to_ascii_lowercase();
         BrowserPolicy {
             origins: LOOPBACK_ORIGINS
                 .iter()
                 .map(|origin| origin.to_string())
-                .chain(
-                    allowed_origins
-                        .iter()
-                        .map(|o| o.trim_end_matches('/').to_string()),
-                )
+                .chain(allowed_origins.iter().map(origin))
                 .collect(),
+            // An entry may name a port; names are compared without one.
             hosts: LOOPBACK_HOSTS
                 .iter()
                 .map(|host| host.to_string())
-                .chain(allowed_hosts.iter().map(|h| h.to_ascii_lowercase()))
+                .chain(allowed_hosts.iter().filter_map(|h| host_name(h)))
+                .map(|host| {
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string()
+                })
                 .collect(),
             check_host: open,
         }
     }
 
-    /// Why a request with these headers is refused, or `None` when it may go on.
-    fn refusal(&self, origin: Option<&str>, host: Option<&str>) -> Option<String> {
-        if self.check_host {
-            let name = host.map(host_name).unwrap_or_default();
-            if !self.host_allowed(&name) {
+    /// Why a request with these headers is refused, or `None` when it may go on. Every
+    /// `Origin` header counts (a request may repeat it); one that is not text is refused.
+    fn refusal(&self, origins: &[Option<&str>], host: Option<&str>) -> Option<String> {
+        // No Host at all is no browser (they always send one): an HTTP/1.0 probe, say.
+        if let (true, Some(shown)) = (self.check_host, host) {
+            let name = host_name(shown);
+            if !name.as_deref().is_some_and(|name| self.host_allowed(name)) {
                 return Some(format!(
-                    "this daemon does not answer under the host name {name:?}; list it in \
+                    "this daemon does not answer under the host name {shown:?}; list it in \
                      [daemon] allowed_hosts, or configure tokens"
                 ));
             }
         }
-        let origin = origin?.trim_end_matches('/');
-        let same_origin = host.is_some_and(|host| origin_authority(origin) == Some(host));
-        if same_origin
-            || self
+        let host = host.map(str::to_ascii_lowercase);
+        for origin in origins {
+            let Some(origin) = origin.map(str::to_ascii_lowercase) else {
+                return Some("an Origin header that is not plain text is refused".into());
+            };
+            let same_origin = host
+                .as_deref()
+                .is_some_and(|h| origin_authority(&origin) == Some(h));
+            let listed = self
                 .origins
                 .iter()
-                .any(|allowed| origin_matches(allowed, origin))
-        {
-            return None;
+                .any(|allowed| origin_matches(allowed, &origin));
+            if !same_origin && !listed {
+                return Some(format!(
+                    "requests from pages at {origin} are refused; list the origin in [daemon] \
+                     allowed_origins to allow them"
+                ));
+            }
         }
-        Some(format!(
-            "requests from pages at {origin} are refused; list the origin in [daemon] \
-             allowed_origins to allow them"
-        ))
+        None
     }
 
     fn host_allowed(&self, name: &str) -> bool {
@@ -105,19 +116,27 @@ impl BrowserPolicy {
     }
 }
 
-/// The host of a `Host` header, lowercased, without its port (`[::1]:7700` -> `[::1]`).
-fn host_name(host: &str) -> String {
+/// The host of a `Host` header, lowercased, without its port (`[::1]:7700` -> `[::1]`);
+/// `None` when it is not `name[:port]` or `[address][:port]`.
+fn host_name(host: &str) -> Option<String> {
     let host = host.trim().to_ascii_lowercase();
-    if host.starts_with('[') {
-        return host
-            .split(']')
-            .next()
-            .map(|h| format!("{h}]"))
-            .unwrap_or(host);
-    }
-    host.rsplit_once(':')
-        .map(|(name, _)| name.to_string())
-        .unwrap_or(host)
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => {
+            let (address, after) = rest.split_once(']')?;
+            (
+                format!("[{address}]"),
+                after.strip_prefix(':').map(str::to_string),
+            )
+        }
+        None => match host.rsplit_once(':') {
+            Some((name, port)) => (name.to_string(), Some(port.to_string())),
+            None => (host.clone(), None),
+        },
+    };
+    let bracketed_junk = host.starts_with('[') && !host.ends_with(']') && port.is_none();
+    let bad_port = port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()));
+    let bad_name = name.is_empty() || name.contains(['/', '@', '[', ']']) && !name.starts_with('[');
+    (!bracketed_junk && !bad_port && !bad_name).then_some(name)
 }
 
 /// `host[:port]` of an origin such as `http://localhost:5173`.
@@ -125,7 +144,8 @@ fn origin_authority(origin: &str) -> Option<&str> {
     origin.split_once("://").map(|(_, authority)| authority)
 }
 
-/// Whether `origin` is `allowed`, where an `allowed` ending in `:*` takes any port.
+/// Whether `origin` is `allowed` (both lowercase), where an `allowed` ending in `:*` takes
+/// any port.
 fn origin_matches(allowed: &str, origin: &str) -> bool {
     match allowed.strip_suffix(":*") {
         Some(prefix) => {
@@ -135,7 +155,7 @@ fn origin_matches(allowed: &str, origin: &str) -> bool {
             origin == prefix
                 || port.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         }
-        None => allowed.eq_ignore_ascii_case(origin),
+        None => allowed == origin,
     }
 }
 
@@ -149,8 +169,14 @@ pub async fn guard(
     let refusal = match request.app_data::<web::Data<BrowserPolicy>>() {
         Some(policy) if !mcp => {
             let headers = request.headers();
-            let text = |name| headers.get(name).and_then(|value| value.to_str().ok());
-            policy.refusal(text(header::ORIGIN), text(header::HOST))
+            let origins: Vec<Option<&str>> = headers
+                .get_all(header::ORIGIN)
+                .map(|value| value.to_str().ok())
+                .collect();
+            let host = headers
+                .get(header::HOST)
+                .and_then(|value| value.to_str().ok());
+            policy.refusal(&origins, host)
         }
         _ => None,
     };
@@ -172,11 +198,15 @@ mod tests {
     use super::*;
 
     fn open() -> BrowserPolicy {
-        BrowserPolicy::new(
-            &["https://canvas.studio.example".into()],
-            &["studio".into()],
-            true,
-        )
+        let origins = [
+            "HTTPS://Canvas.Studio.example".into(),
+            "http://dev.example:*".into(),
+        ];
+        BrowserPolicy::new(&origins, &["studio:7700".into()], true)
+    }
+
+    fn from(policy: &BrowserPolicy, page: &str, host: &str) -> Option<String> {
+        policy.refusal(&[Some(page)], Some(host))
     }
 
     #[test]
@@ -186,55 +216,72 @@ mod tests {
             "127.0.0.1:7700",
             "localhost:7700",
             "[::1]:7700",
-            "10.0.0.5:7700",
+            "10.0.0.5",
+            "LOCALHOST",
         ] {
-            assert_eq!(policy.refusal(None, Some(host)), None, "{host}");
+            assert_eq!(policy.refusal(&[], Some(host)), None, "{host}");
         }
-        assert_eq!(policy.refusal(None, Some("studio:7700")), None);
+        assert_eq!(policy.refusal(&[], Some("studio:7700")), None);
     }
 
     #[test]
-    fn an_open_daemon_refuses_names_it_was_not_given() {
-        let refusal = open().refusal(None, Some("rebound.attacker.example:7700"));
-        assert!(refusal.unwrap().contains("allowed_hosts"));
+    fn an_open_daemon_refuses_names_it_was_not_given_and_malformed_hosts() {
+        let policy = open();
+        for host in [
+            "rebound.attacker.example:7700",
+            "[::1]evil.example",
+            "localhost:x",
+            "",
+        ] {
+            let refusal = policy.refusal(&[], Some(host));
+            assert!(
+                refusal.is_some_and(|r| r.contains("allowed_hosts")),
+                "{host}"
+            );
+        }
+        assert_eq!(policy.refusal(&[], None), None);
         let with_tokens = BrowserPolicy::new(&[], &[], false);
-        assert_eq!(
-            with_tokens.refusal(None, Some("droplet.example:7700")),
-            None
-        );
+        assert_eq!(with_tokens.refusal(&[], Some("droplet.example:7700")), None);
     }
 
     #[test]
     fn pages_elsewhere_are_refused_unless_listed() {
         let policy = open();
-        let host = Some("127.0.0.1:7700");
-        assert_eq!(policy.refusal(Some("http://localhost:5173"), host), None);
-        assert_eq!(policy.refusal(Some("http://[::1]:3000"), host), None);
-        assert_eq!(
-            policy.refusal(Some("https://canvas.studio.example"), host),
-            None
-        );
-        assert_eq!(policy.refusal(Some("http://127.0.0.1:7700"), host), None);
+        let host = "127.0.0.1:7700";
+        for page in [
+            "http://localhost:5173",
+            "http://[::1]:3000",
+            "https://canvas.studio.example",
+            "http://DEV.example:8080",
+            "http://127.0.0.1:7700",
+        ] {
+            assert_eq!(from(&policy, page, host), None, "{page}");
+        }
         for page in [
             "https://evil.example",
             "http://localhost.evil.example:80",
             "null",
+            "http://localhost//",
         ] {
-            let refusal = policy.refusal(Some(page), host).unwrap();
+            let refusal = from(&policy, page, host).unwrap();
             assert!(refusal.contains("allowed_origins"), "{page}: {refusal}");
         }
     }
 
     #[test]
+    fn every_origin_header_counts_and_one_that_is_not_text_is_refused() {
+        let policy = open();
+        let host = Some("127.0.0.1:7700");
+        let both = [Some("http://localhost:5173"), Some("https://evil.example")];
+        assert!(policy.refusal(&both, host).is_some());
+        assert!(policy.refusal(&[None], host).is_some());
+    }
+
+    #[test]
     fn a_page_the_daemon_serves_itself_is_same_origin() {
         let policy = BrowserPolicy::new(&[], &[], false);
-        let host = Some("droplet.example:7700");
-        assert_eq!(
-            policy.refusal(Some("http://droplet.example:7700"), host),
-            None
-        );
-        assert!(policy
-            .refusal(Some("http://droplet.example:8000"), host)
-            .is_some());
+        let host = "droplet.example:7700";
+        assert_eq!(from(&policy, "http://droplet.example:7700", host), None);
+        assert!(from(&policy, "http://droplet.example:8000", host).is_some());
     }
 }
