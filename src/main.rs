@@ -317,7 +317,9 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Nodes { restart, server } => {
             let daemon = server.client()?;
             if let Some(node) = restart {
-                daemon.restart_node(&node).await?;
+                let answer = daemon.restart_node(&node).await?;
+                let restarts = answer["restarts"].as_u64().unwrap_or_default();
+                let _ = writeln!(std::io::stdout(), "restarted {node} (restart {restarts})");
             }
             client::print_nodes_table(&daemon.nodes().await?);
         }

@@ -53,15 +53,17 @@ impl ArtifactMeta {
 /// file systems allow, so a long step id still makes a name a download can be saved under.
 pub const MAX_FILENAME_CHARS: usize = 120;
 
-/// A file name that is safe to save under and to put in a header: path separators and
-/// control characters (which step ids and service answers may contain) become `_`, so the
-/// name can neither leave a folder nor break a `Content-Disposition` line; overlong names are
-/// cut, and a name that is empty or all dots becomes `artifact`. Non-ASCII letters are kept.
+/// A file name that is safe to save under and to put in a header: path separators, control
+/// characters and the invisible formatting marks that reorder or hide text (which step ids
+/// and service answers may contain) become `_`, so the name can neither leave a folder,
+/// break a `Content-Disposition` line, nor show another extension than it has (`U+202E`
+/// makes `txt.exe` display as `exe.txt`); overlong names are cut, and a name that is empty
+/// or all dots becomes `artifact`. Non-ASCII letters are kept.
 pub fn safe_filename(name: &str) -> String {
     let mut safe: String = name
         .chars()
         .map(|c| {
-            if c == '/' || c == '\\' || c.is_control() {
+            if c == '/' || c == '\\' || c.is_control() || is_invisible_format(c) {
                 '_'
             } else {
                 c
@@ -82,7 +84,18 @@ pub fn safe_filename(name: &str) -> String {
     if trimmed.chars().all(|c| c == '.') {
         return "artifact".to_owned();
     }
+    // A step id of blanks leaves only the extension: keep it visible, not a hidden file.
+    if trimmed.starts_with('.') && !trimmed[1..].contains('.') {
+        return format!("artifact{trimmed}");
+    }
     trimmed.to_owned()
+}
+
+/// Bidirectional overrides and isolates, zero-width characters and the line and paragraph
+/// separators: marks that change how a name reads without showing themselves.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
+        | '\u{FEFF}')
 }
 
 /// Guesses the MIME type and artifact kind from a file name's extension.
@@ -120,6 +133,9 @@ mod tests {
         assert_eq!(safe_filename("brief über.txt"), "brief über.txt");
         assert_eq!(safe_filename(".."), "artifact");
         assert_eq!(safe_filename("  "), "artifact");
+        assert_eq!(safe_filename("  .txt"), "artifact.txt");
+        assert_eq!(safe_filename("invoice\u{202E}txt.exe"), "invoice_txt.exe");
+        assert_eq!(safe_filename("a\u{200B}b\u{2028}c.txt"), "a_b_c.txt");
         let long = format!("{}.txt", "é".repeat(500));
         let cut = safe_filename(&long);
         assert_eq!(cut.chars().count(), super::MAX_FILENAME_CHARS);
