@@ -149,6 +149,19 @@ async fn get_json(sim: &ComfySim, path: &str) -> Value {
         .unwrap()
 }
 
+/// `POST /sim/control` with `change`; answers the stats after it.
+async fn control(sim: &ComfySim, change: Value) -> Value {
+    http()
+        .post(sim.url().join("sim/control").unwrap())
+        .json(&change)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Polls `path` until `ready` holds, failing after [`WAIT`].
 async fn poll(sim: &ComfySim, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -683,16 +696,7 @@ async fn switches_inject_failures() {
         .unwrap()
         .contains("Allocation on device"));
 
-    let url = sim.url().join("sim/control").unwrap();
-    let stats: Value = http()
-        .post(url)
-        .json(&json!({"restart": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = control(&sim, json!({"restart": true})).await;
     assert_eq!(stats["prompts_received"], 1);
     assert_eq!(
         get_json(&sim, "history").await,
@@ -907,16 +911,7 @@ async fn minting_servers_ignore_the_clients_prompt_id() {
         ..fast()
     })
     .await;
-    let url = sim.url().join("sim/control").unwrap();
-    let stats: Value = http()
-        .post(url)
-        .json(&json!({"mint_prompt_ids": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = control(&sim, json!({"mint_prompt_ids": true})).await;
     assert_eq!(stats["switches"]["mint_prompt_ids"], true);
     let mut socket = connect(&sim, "main").await;
     text(&mut socket).await;
