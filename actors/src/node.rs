@@ -55,6 +55,16 @@ pub struct RunTask(pub Task);
 #[rtype(result = "()")]
 pub struct AbortTask(pub TaskKey);
 
+/// Cancel a prompt this node runs for no task of its own: work the daemon sent before it
+/// restarted, for a run cancelled before the work was taken up again. Dequeued if pending,
+/// interrupted if running, nothing if the server does not have it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelPrompt {
+    pub prompt_id: String,
+    pub server_id: Option<String>,
+}
+
 /// Start the actor over: its supervisor restarts it, which reopens the event socket from
 /// scratch and resumes every running task by asking the service where it stands. For an
 /// operator whose node is stuck in a way the daemon does not see. Answers the restart count
@@ -533,25 +543,27 @@ impl GpuNode {
         ctx.cancel_future(running.handle);
         info!(node = %self.config.name, task = %key, "task aborted");
         if let (RemoteJob::Comfy(_), Some(comfy)) = (&running.task.job, self.comfy.as_ref()) {
-            let client = comfy.client.clone();
-            let prompt_id = running.task.remote_id.clone();
-            // By the id the server knows; `cancel` interrupts only what /queue shows is ours,
-            // since older servers interrupt whatever runs.
+            // By the id the server knows.
             let server_id = running.server_id.get().or(running.task.server_id.clone());
-            let node = self.config.name.clone();
-            actix::spawn(async move {
-                match comfyui::cancel(&client, &prompt_id, server_id.as_deref()).await {
-                    Ok(done) => info!(node = %node, prompt_id = %prompt_id,
-                        dequeued = ?done.dequeued, interrupted = ?done.interrupted,
-                        "prompt cancelled"),
-                    Err(err) => warn!(node = %node, prompt_id = %prompt_id, error = %err,
-                        "cancelling the prompt failed"),
-                }
-            });
+            let (client, node) = (comfy.client.clone(), self.config.name.clone());
+            spawn_cancel(client, node, running.task.remote_id.clone(), server_id);
         }
         // A LangFlow call is aborted by dropping its future: the HTTP request goes with it.
         self.finish(&running.task, TaskEvent::Cancelled);
     }
+}
+
+/// Dequeues or interrupts a prompt in the background; `cancel` interrupts only what /queue
+/// shows is ours, since older servers interrupt whatever runs.
+fn spawn_cancel(client: ComfyClient, node: String, prompt_id: String, server_id: Option<String>) {
+    actix::spawn(async move {
+        match comfyui::cancel(&client, &prompt_id, server_id.as_deref()).await {
+            Ok(done) => info!(node = %node, prompt_id = %prompt_id,
+                dequeued = ?done.dequeued, interrupted = ?done.interrupted, "prompt cancelled"),
+            Err(err) => warn!(node = %node, prompt_id = %prompt_id, error = %err,
+                "cancelling the prompt failed"),
+        }
+    });
 }
 
 /// The scheduler only needs to know that a task ended; payloads stay with the run.
@@ -630,6 +642,22 @@ impl Handler<Restart> for GpuNode {
         info!(node = %self.config.name, running = self.running.len(), "node restart asked");
         ctx.stop();
         self.restarts + 1
+    }
+}
+
+impl Handler<CancelPrompt> for GpuNode {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelPrompt, _ctx: &mut Self::Context) {
+        if let Some(comfy) = self.comfy.as_ref() {
+            let client = comfy.client.clone();
+            spawn_cancel(
+                client,
+                self.config.name.clone(),
+                msg.prompt_id,
+                msg.server_id,
+            );
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::activity::{Activity, ActivityHub, Publish};
 use crate::artifact::{ArtifactKind, ArtifactMeta};
-use crate::scheduler::{CancelRun, Enqueue, Scheduler};
+use crate::scheduler::{CancelRun, Enqueue, PlacedPrompt, Scheduler};
 use crate::store::{RemoteRef, RunRecord, RunState, StepError, StepRecord, StepState, Store};
 use crate::task::{
     ConfirmPlacement, RecordServerId, RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate,
@@ -599,6 +599,7 @@ impl WorkflowRun {
     fn stop_remaining(&mut self, running_state: StepState) {
         let now = OffsetDateTime::now_utc();
         let mut any_remote = false;
+        let mut prompts = Vec::new();
         for step in self
             .record
             .steps
@@ -606,6 +607,7 @@ impl WorkflowRun {
             .filter(|s| !s.state.is_terminal())
         {
             any_remote |= step.state != StepState::Pending;
+            prompts.extend(placed_prompt(step));
             step.state = if step.state == StepState::Pending {
                 StepState::Skipped
             } else {
@@ -616,6 +618,7 @@ impl WorkflowRun {
         if any_remote {
             self.services.scheduler.do_send(CancelRun {
                 run_id: self.record.id.clone(),
+                prompts,
             });
         }
         let ended: Vec<StepRecord> = self
@@ -826,6 +829,33 @@ impl WorkflowRun {
         self.publish_step(&step);
         self.persist_then(ctx, |_, _| {});
     }
+}
+
+/// The ComfyUI prompt a step's record places on a node, if any: the node it was placed on
+/// while placed, the node to check first while queued again.
+fn placed_prompt(step: &StepRecord) -> Option<PlacedPrompt> {
+    let placed = matches!(
+        step.state,
+        StepState::Assigned | StepState::Submitted | StepState::Running
+    );
+    let node = if placed {
+        step.node.clone()
+    } else {
+        step.check_first_on.clone()
+    }?;
+    let Some(RemoteRef::Comfyui {
+        prompt_id,
+        server_prompt_id,
+    }) = &step.remote
+    else {
+        return None;
+    };
+    Some(PlacedPrompt {
+        node,
+        step_id: step.id.clone(),
+        prompt_id: prompt_id.clone(),
+        server_id: server_prompt_id.clone(),
+    })
 }
 
 /// Our id of a step's remote work, and the service's own id for it where one is recorded.

@@ -34,7 +34,7 @@ use tracing::{debug, info};
 
 use crate::config::NodeConfig;
 use crate::lease::LeaseBook;
-use crate::node::{AbortTask, GpuNode, RunTask};
+use crate::node::{AbortTask, CancelPrompt, GpuNode, RunTask};
 use crate::task::{Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
 
 /// How many recently used model files the scheduler remembers per node.
@@ -76,6 +76,19 @@ pub struct Enqueue(pub Task);
 #[rtype(result = "()")]
 pub struct CancelRun {
     pub run_id: String,
+    /// Prompts the run's record places on a node: each is cancelled there unless a task
+    /// running on that node carries it (that task's abort cancels it). After a daemon
+    /// restart such a prompt may run on its node while its task still waits in the queue.
+    pub prompts: Vec<PlacedPrompt>,
+}
+
+/// A ComfyUI prompt a run's record places on a node.
+#[derive(Debug, Clone)]
+pub struct PlacedPrompt {
+    pub node: String,
+    pub step_id: String,
+    pub prompt_id: String,
+    pub server_id: Option<String>,
 }
 
 /// Leases were released: tasks waiting for those nodes may be placed now.
@@ -476,6 +489,25 @@ impl Handler<CancelRun> for Scheduler {
         for node in &self.nodes {
             for key in node.running.iter().filter(|key| key.run_id == msg.run_id) {
                 node.addr.do_send(AbortTask(key.clone()));
+            }
+        }
+        for prompt in msg.prompts {
+            let Some(node) = self
+                .nodes
+                .iter()
+                .find(|node| node.config.name == prompt.node)
+            else {
+                continue;
+            };
+            let aborted = node
+                .running
+                .iter()
+                .any(|key| key.run_id == msg.run_id && key.step_id == prompt.step_id);
+            if !aborted {
+                node.addr.do_send(CancelPrompt {
+                    prompt_id: prompt.prompt_id,
+                    server_id: prompt.server_id,
+                });
             }
         }
     }

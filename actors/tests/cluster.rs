@@ -335,3 +335,68 @@ async fn a_step_queued_to_check_the_node_it_left_checks_there_after_a_restart() 
     assert_eq!(sim.prompts_received(), 1, "{:?}", sim.prompts_by_id());
     sim.stop().await;
 }
+
+/// A run cancelled right after a restart, before its resumed step reached the node again
+/// (the node has not even answered its first probe): the prompt the daemon had sent before
+/// it died is still interrupted on the node, not left to run for a cancelled run.
+#[actix_rt::test]
+async fn a_run_cancelled_before_its_step_is_taken_up_again_still_stops_its_prompt() {
+    let slow = ComfySimConfig {
+        step_ms: 500,
+        model_load_ms: 1,
+        ..ComfySimConfig::default()
+    };
+    let addr = "127.0.0.1:0".parse().expect("a socket address");
+    let sim = ComfySim::start(slow, addr)
+        .await
+        .expect("the simulator starts");
+    let ours = uuid::Uuid::new_v4().to_string();
+    let client = ComfyClient::new(sim.url());
+    submit_job(&client, &blur_job(), &ours, "the-daemon-that-died", |_| {})
+        .await
+        .expect("the prompt is accepted");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !client
+        .queue()
+        .await
+        .expect("queue answers")
+        .is_running(&ours)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prompt never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let dir = tempfile::tempdir().expect("a temporary directory can be created");
+    let cluster = image_cluster(&sim, dir.path());
+    let id = "0190a000-0000-7000-8000-000000000005";
+    let mut still = StepRecord::new("still", "image");
+    still.state = StepState::Running;
+    still.node = Some("img-a".into());
+    still.attempts = 1;
+    still.remote = Some(RemoteRef::Comfyui {
+        prompt_id: ours.clone(),
+        server_prompt_id: None,
+    });
+    cluster
+        .store()
+        .save_run(&one_still(id, still))
+        .await
+        .expect("stored");
+    assert_eq!(cluster.resume_unfinished().await.expect("resumed"), 1);
+    let cancelled = cluster.cancel(id).await.expect("cancelled");
+    assert_eq!(cancelled.state, RunState::Cancelled);
+
+    while sim.interrupted_prompts() != [ours.clone()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prompt was never interrupted: {:?}",
+            sim.interrupted_prompts()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(sim.prompts_received(), 1);
+    sim.stop().await;
+}
