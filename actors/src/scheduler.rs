@@ -35,7 +35,7 @@ use tracing::{debug, info};
 use crate::config::NodeConfig;
 use crate::lease::LeaseBook;
 use crate::node::{AbortTask, CancelPrompt, GpuNode, RunTask};
-use crate::task::{Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
+use crate::task::{RemoteJob, Task, TaskEvent, TaskFailure, TaskKey, TaskUpdate};
 
 /// How many recently used model files the scheduler remembers per node.
 const REMEMBERED_MODELS: usize = 8;
@@ -135,6 +135,9 @@ struct NodeEntry {
     reconnects: u32,
     /// When the node last stopped being available; `None` while it is.
     away_since: Option<Instant>,
+    /// Prompts of tasks taken off this node while it was away and placed elsewhere: it may
+    /// still hold them, and cancels them once it is back.
+    strays: Vec<CancelPrompt>,
 }
 
 impl NodeEntry {
@@ -333,6 +336,20 @@ impl Scheduler {
         if task.left_node.as_ref() == Some(&node.config.name) {
             task.resume = true;
         }
+        let placed_elsewhere = task
+            .left_node
+            .clone()
+            .filter(|left| *left != node.config.name);
+        if let (Some(left), RemoteJob::Comfy(_)) = (placed_elsewhere, &task.job) {
+            let stray = CancelPrompt {
+                prompt_id: task.remote_id.clone(),
+                server_id: task.server_id.clone(),
+            };
+            if let Some(left) = self.node_mut(&left) {
+                left.strays.push(stray);
+            }
+        }
+        let node = &mut self.nodes[index];
         info!(task = %task.key, node = %node.config.name, resume = task.resume, "task placed");
         node.running.push(task.key.clone());
         for model in &task.requirement.models {
@@ -392,6 +409,7 @@ impl Handler<RegisterNode> for Scheduler {
             restarts: 0,
             reconnects: 0,
             away_since: Some(Instant::now()),
+            strays: Vec::new(),
             addr: msg.addr,
             config: msg.config,
         });
@@ -411,6 +429,11 @@ impl Handler<NodeStatus> for Scheduler {
         }
         if msg.available {
             node.away_since = None;
+            for stray in std::mem::take(&mut node.strays) {
+                info!(node = %msg.node, prompt_id = %stray.prompt_id,
+                    "node back: cancelling a prompt its task ran elsewhere");
+                node.addr.do_send(stray);
+            }
         } else if node.away_since.is_none() {
             node.away_since = Some(Instant::now());
         }

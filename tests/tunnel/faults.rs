@@ -108,6 +108,57 @@ async fn a_prompt_finished_while_its_only_node_was_away_past_the_grace_is_collec
     daemon.daemon.stop().await;
 }
 
+/// A step taken off a node that went away and finished on another: the first node, back,
+/// still runs the old prompt, which nothing follows any more. It is cancelled there.
+#[actix_rt::test]
+async fn a_prompt_left_on_a_node_whose_step_ran_elsewhere_is_cancelled_when_it_returns() {
+    let mut sshd = Sshd::start();
+    // 40 steps of 250 ms: still running on the far box long after the step moved.
+    let far = comfy_sim(250).await;
+    let near = comfy_sim(1).await;
+    let config = format!(
+        "[daemon]\nnode_grace_ms = 200\n\n[templates]\nimage = \"flux-txt2img\"\n{}\n\
+         [[nodes]]\nname = \"near\"\n[nodes.comfyui]\nurl = \"{}\"\n\
+         capabilities = [\"image\"]\n",
+        comfy_node("far", &sshd, far.addr(), &[]),
+        near.url()
+    );
+    let daemon = daemon(&config);
+    daemon.wait_nodes_available().await;
+
+    let id = daemon.submit(&slow_image()).await;
+    let run = daemon
+        .wait_run(&id, |run| {
+            step(run, "still")["state"] == "running" && step(run, "still")["node"] == "far"
+        })
+        .await;
+    let prompt = step(&run, "still")["remote"]["prompt_id"]
+        .as_str()
+        .expect("a prompt id")
+        .to_string();
+
+    sshd.kill();
+    let run = daemon.wait_end(&id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(step(&run, "still")["node"], "near", "{run}");
+    assert!(
+        far.interrupted_prompts().is_empty(),
+        "nothing reached the far box yet"
+    );
+
+    sshd.restart();
+    let deadline = Instant::now() + util::PATIENCE;
+    while far.interrupted_prompts() != [prompt.clone()] {
+        assert!(
+            Instant::now() < deadline,
+            "the far box kept running {prompt}: {:?}",
+            far.interrupted_prompts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.daemon.stop().await;
+}
+
 #[actix_rt::test]
 async fn host_keys_not_in_known_hosts_are_refused_naming_the_fingerprint() {
     let mut changed = Sshd::start();
