@@ -365,17 +365,7 @@ impl WorkflowRun {
             .iter_mut()
             .filter(|s| !s.state.is_terminal())
         {
-            let placed = matches!(
-                step.state,
-                StepState::Assigned | StepState::Submitted | StepState::Running
-            );
-            // Placed, or queued again with work that may still be on the node it left.
-            let node = if placed {
-                step.node.clone()
-            } else {
-                step.check_first_on.clone()
-            };
-            match (node, &step.remote) {
+            match (step.node_holding_work().map(str::to_string), &step.remote) {
                 (Some(node), Some(_)) => resumed.push((step.id.clone(), node)),
                 (None, Some(_)) => resumed.push((step.id.clone(), String::new())),
                 _ => step.state = StepState::Pending,
@@ -831,18 +821,9 @@ impl WorkflowRun {
     }
 }
 
-/// The ComfyUI prompt a step's record places on a node, if any: the node it was placed on
-/// while placed, the node to check first while queued again.
+/// The ComfyUI prompt a step's record places on a node, if any.
 fn placed_prompt(step: &StepRecord) -> Option<PlacedPrompt> {
-    let placed = matches!(
-        step.state,
-        StepState::Assigned | StepState::Submitted | StepState::Running
-    );
-    let node = if placed {
-        step.node.clone()
-    } else {
-        step.check_first_on.clone()
-    }?;
+    let node = step.node_holding_work()?.to_string();
     let Some(RemoteRef::Comfyui {
         prompt_id,
         server_prompt_id,

@@ -204,6 +204,26 @@ fn one_still(id: &str, still: StepRecord) -> RunRecord {
     }
 }
 
+/// A simulator (`step_ms` per node) that a daemon, dead since, sent [`blur_job`] to under
+/// our id; with a client to it and that id.
+async fn posted_by_a_daemon_that_died(step_ms: u64) -> (ComfySim, ComfyClient, String) {
+    let config = ComfySimConfig {
+        step_ms,
+        model_load_ms: 1,
+        ..ComfySimConfig::default()
+    };
+    let addr = "127.0.0.1:0".parse().expect("a socket address");
+    let sim = ComfySim::start(config, addr)
+        .await
+        .expect("the simulator starts");
+    let ours = uuid::Uuid::new_v4().to_string();
+    let client = ComfyClient::new(sim.url());
+    submit_job(&client, &blur_job(), &ours, "the-daemon-that-died", |_| {})
+        .await
+        .expect("the prompt is accepted");
+    (sim, client, ours)
+}
+
 /// Stores `record`, resumes it, and answers it once it has ended.
 async fn resume_to_the_end(cluster: &Cluster, record: &RunRecord) -> RunRecord {
     cluster.store().save_run(record).await.expect("stored");
@@ -284,20 +304,7 @@ async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted
 /// restarted daemon collects it there instead of running the step afresh.
 #[actix_rt::test]
 async fn a_step_queued_to_check_the_node_it_left_checks_there_after_a_restart() {
-    let quick = ComfySimConfig {
-        step_ms: 1,
-        model_load_ms: 1,
-        ..ComfySimConfig::default()
-    };
-    let addr = "127.0.0.1:0".parse().expect("a socket address");
-    let sim = ComfySim::start(quick, addr)
-        .await
-        .expect("the simulator starts");
-    let ours = uuid::Uuid::new_v4().to_string();
-    let client = ComfyClient::new(sim.url());
-    submit_job(&client, &blur_job(), &ours, "the-daemon-that-died", |_| {})
-        .await
-        .expect("the prompt is accepted");
+    let (sim, client, ours) = posted_by_a_daemon_that_died(1).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while client
         .history(&ours)
@@ -341,20 +348,7 @@ async fn a_step_queued_to_check_the_node_it_left_checks_there_after_a_restart() 
 /// it died is still interrupted on the node, not left to run for a cancelled run.
 #[actix_rt::test]
 async fn a_run_cancelled_before_its_step_is_taken_up_again_still_stops_its_prompt() {
-    let slow = ComfySimConfig {
-        step_ms: 500,
-        model_load_ms: 1,
-        ..ComfySimConfig::default()
-    };
-    let addr = "127.0.0.1:0".parse().expect("a socket address");
-    let sim = ComfySim::start(slow, addr)
-        .await
-        .expect("the simulator starts");
-    let ours = uuid::Uuid::new_v4().to_string();
-    let client = ComfyClient::new(sim.url());
-    submit_job(&client, &blur_job(), &ours, "the-daemon-that-died", |_| {})
-        .await
-        .expect("the prompt is accepted");
+    let (sim, client, ours) = posted_by_a_daemon_that_died(500).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !client
         .queue()

@@ -119,6 +119,20 @@ pub struct StepRecord {
 }
 
 impl StepRecord {
+    /// The node whose service may hold this step's remote work: the node it is placed on
+    /// while placed, the node it left while queued again to check there first.
+    pub fn node_holding_work(&self) -> Option<&str> {
+        let placed = matches!(
+            self.state,
+            StepState::Assigned | StepState::Submitted | StepState::Running
+        );
+        if placed {
+            self.node.as_deref()
+        } else {
+            self.check_first_on.as_deref()
+        }
+    }
+
     pub fn new(id: &str, kind: &str) -> StepRecord {
         StepRecord {
             id: id.to_string(),
