@@ -224,6 +224,19 @@ async fn posted_by_a_daemon_that_died(step_ms: u64) -> (ComfySim, ComfyClient, S
     (sim, client, ours)
 }
 
+/// Polls `ready` until it holds, failing with `what` after a generous bound.
+async fn eventually<F, Fut>(what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready().await {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Stores `record`, resumes it, and answers it once it has ended.
 async fn resume_to_the_end(cluster: &Cluster, record: &RunRecord) -> RunRecord {
     cluster.store().save_run(record).await.expect("stored");
@@ -305,19 +318,17 @@ async fn a_prompt_posted_before_its_server_id_was_recorded_is_adopted_not_posted
 #[actix_rt::test]
 async fn a_step_queued_to_check_the_node_it_left_checks_there_after_a_restart() {
     let (sim, client, ours) = posted_by_a_daemon_that_died(1).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while client
-        .history(&ours)
-        .await
-        .expect("history answers")
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the prompt never finished"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the prompt finished", || {
+        let (client, ours) = (&client, &ours);
+        async move {
+            client
+                .history(ours)
+                .await
+                .expect("history answers")
+                .is_some()
+        }
+    })
+    .await;
 
     let dir = tempfile::tempdir().expect("a temporary directory can be created");
     let cluster = image_cluster(&sim, dir.path());
@@ -349,19 +360,17 @@ async fn a_step_queued_to_check_the_node_it_left_checks_there_after_a_restart() 
 #[actix_rt::test]
 async fn a_run_cancelled_before_its_step_is_taken_up_again_still_stops_its_prompt() {
     let (sim, client, ours) = posted_by_a_daemon_that_died(500).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !client
-        .queue()
-        .await
-        .expect("queue answers")
-        .is_running(&ours)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the prompt never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually("the prompt started", || {
+        let (client, ours) = (&client, &ours);
+        async move {
+            client
+                .queue()
+                .await
+                .expect("queue answers")
+                .is_running(ours)
+        }
+    })
+    .await;
 
     let dir = tempfile::tempdir().expect("a temporary directory can be created");
     let cluster = image_cluster(&sim, dir.path());
@@ -383,14 +392,11 @@ async fn a_run_cancelled_before_its_step_is_taken_up_again_still_stops_its_promp
     let cancelled = cluster.cancel(id).await.expect("cancelled");
     assert_eq!(cancelled.state, RunState::Cancelled);
 
-    while sim.interrupted_prompts() != [ours.clone()] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the prompt was never interrupted: {:?}",
-            sim.interrupted_prompts()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually("the prompt was interrupted", || {
+        let interrupted = sim.interrupted_prompts() == [ours.clone()];
+        async move { interrupted }
+    })
+    .await;
     assert_eq!(sim.prompts_received(), 1);
     sim.stop().await;
 }
