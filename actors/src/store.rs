@@ -100,11 +100,7 @@ impl Store {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let db = sled::Config::new()
-            .path(&db_path)
-            .flush_every_ms(Some(200))
-            .open()
-            .map_err(open_error)?;
+        let db = open_db(&db_path).map_err(open_error)?;
         // A store written before the index existed gets it built once, from every run.
         let indexed = db
             .tree_names()
@@ -245,6 +241,31 @@ impl Store {
         Ok(runs)
     }
 }
+
+/// Opens sled, waiting up to [`LOCK_PATIENCE`] for its file lock: sled's own threads let go
+/// of it a moment after the last handle of a store that was just closed (a daemon started
+/// again at once, a test reopening its store) is dropped. A lock still held after that
+/// belongs to another process.
+fn open_db(db_path: &Path) -> sled::Result<sled::Db> {
+    let config = sled::Config::new().path(db_path).flush_every_ms(Some(200));
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match config.open() {
+            // sled wraps the lock's WouldBlock in an error of its own words.
+            Err(sled::Error::Io(err))
+                if (err.kind() == std::io::ErrorKind::WouldBlock
+                    || err.to_string().contains("could not acquire lock"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How long opening waits for a lock held by a store closing in this process.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Name of the tree of unfinished run ids.
 const UNFINISHED_TREE: &str = "unfinished";
